@@ -1,0 +1,81 @@
+"""What every backend offers the runner: token counting and label-constrained chat completion."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pipeline.config import JobConfig
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One answer, as the backend returned it. Parsing into a label happens in the task."""
+
+    text: str
+    logprob: float | None
+    """Sum of the answer tokens' log-probabilities after the label constraint was applied
+    (the constrained decoder's probability of this answer), or None if not available."""
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str | None
+
+
+class Backend(ABC):
+    """A model behind a narrow interface.
+
+    ``start`` loads the model; everything else (``count_tokens``, ``truncate``,
+    ``prompt_tokens``) works before it, so ``labelmill validate`` can count tokens without
+    loading weights.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, job: JobConfig, model: str) -> None:
+        self.job = job
+        self.model = model
+
+    def start(self) -> None:  # noqa: B027 - optional hook: a backend without a model has nothing to load
+        """Load the model. Idempotent."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model and any engine process."""
+
+    @property
+    def max_model_len(self) -> int | None:
+        """Context length in tokens, once known."""
+        return self.job.engine.max_model_len
+
+    @abstractmethod
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Token count of each text on its own (no special tokens)."""
+
+    @abstractmethod
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """The longest prefix of ``text`` that is at most ``max_tokens`` tokens."""
+
+    @abstractmethod
+    def prompt_tokens(self, messages: Messages) -> int:
+        """Tokens of a whole chat prompt, chat template included."""
+
+    def render_chat(self, messages: Messages) -> str:
+        """The prompt as the model sees it (for ``labelmill validate``)."""
+        return "\n".join(f"<{m['role']}>\n{m['content']}" for m in messages)
+
+    @abstractmethod
+    def complete(
+        self, conversations: list[Messages], choices: list[str], max_tokens: int
+    ) -> list[Completion]:
+        """Answer every conversation with one of ``choices``; results in input order."""
+
+    def version(self) -> str:
+        return self.name
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

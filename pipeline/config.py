@@ -1,0 +1,178 @@
+"""The job file: a typed model of ``jobs/*.yaml``.
+
+Every field is documented where it is declared. Unknown keys are rejected with the key's name and
+the file, so a typo (``chunk_row:``) never silently falls back to a default. Relative paths are
+resolved against the current working directory, the way a shell user reads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import JobFileError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
+    """vLLM engine settings (``vllm.LLM(...)`` keyword arguments). Ignored by the fake backend."""
+
+    dtype: str = "auto"
+    """Weights and activations dtype: auto, bfloat16, float16, float32. On CPUs without native
+    bf16 instructions float32 is faster."""
+    max_model_len: int | None = Field(default=None, gt=0)
+    """Context length in tokens (prompt + answer). None = the model's own limit. Row text is
+    truncated to fit, and the row marked ``truncated``."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """Fraction of accelerator memory vLLM may take; on the CPU backend, the fraction of RAM of one
+    NUMA node for the KV cache (0.3 is a safe value there)."""
+    enforce_eager: bool = False
+    """Skip torch.compile and CUDA graphs: faster start-up, slower decoding."""
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    """Most sequences the engine schedules at once. None = vLLM's default."""
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    """Token budget of one engine step. None = vLLM's default."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of the shared prompt prefix (instructions + labels) across rows."""
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """Number of GPUs one model is split over."""
+    quantization: str | None = None
+    """vLLM quantization method (awq, gptq, fp8, ...), None = as the checkpoint says."""
+    seed: int = 0
+    """Engine random seed (only matters when sampling is not greedy)."""
+    trust_remote_code: bool = False
+    """Allow a model's own Python code from its checkpoint to run."""
+
+    # Settings that can change what the model answers; the others only change speed or memory.
+    OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "max_model_len", "quantization", "seed")
+
+
+class SamplingConfig(_Strict):
+    """How the answer is decoded. Greedy by default, so a rerun gives the same labels."""
+
+    temperature: float = Field(default=0.0, ge=0)
+    """0 = greedy (argmax at each step); above 0 samples from the label-constrained distribution."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    """Answer length cap. None = computed from the longest tokenised label, so no label is cut."""
+    seed: int | None = None
+    """Per-request seed for sampling (temperature > 0)."""
+
+
+class FakeConfig(_Strict):
+    """Settings of the ``fake`` test-double backend."""
+
+    seconds_per_row: float = Field(default=0.0, ge=0)
+    """Sleep this long per row, to make progress and crash tests observable."""
+
+
+class JobConfig(_Strict):
+    """One labelling job: which rows, which labels, which prompt, which model."""
+
+    input: str
+    """A Parquet file, a folder of Parquet files, or a glob (``data/*.parquet``)."""
+    output: str
+    """The run folder: parts, markers, manifest and summary are written there."""
+    id_column: str | None = None
+    """Input column with a unique id per row. Without it, ids are ``<file name>:<row number>``."""
+    text_column: str | None = None
+    """Input column holding the text to classify. Give this or ``text_template``."""
+    text_template: str | None = None
+    """Template over several columns, e.g. ``"{title} (brand: {brand})"``. Null fields render as
+    empty text; a row whose fields are all null or blank is ``empty_input``."""
+    keep_columns: list[str] = Field(default_factory=list)
+    """Input columns copied to the output, types unchanged."""
+    task: Literal["classify"] = "classify"
+    """What to do with each row. ``classify``: pick exactly one label."""
+    labels: list[str] | None = None
+    """The label set. Give this or ``labels_file``."""
+    labels_file: str | None = None
+    """Labels from a file: one per line (``#`` comments allowed), or a Shopify taxonomy
+    ``categories.txt`` (``gid://... : A > B > C``), where each label is the full path."""
+    labels_max_depth: int | None = Field(default=None, ge=1)
+    """For taxonomy files: keep categories at most this deep (1 = top level only)."""
+    prompt: str
+    """Path to a prompt template (YAML) under ``prompts/``."""
+    prompt_vars: dict[str, str] = Field(default_factory=dict)
+    """Extra values for the template's own variables (e.g. ``shop: "a Polish pharmacy"``)."""
+    model: str
+    """A local checkpoint folder, a model alias from ``labelmill models list``, or a Hugging Face
+    id (served from the local Hugging Face cache; nothing is downloaded by labelmill)."""
+    backend: str = "vllm"
+    """``vllm`` (offline engine) or ``fake`` (deterministic test double, never a quality claim)."""
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    fake: FakeConfig = Field(default_factory=FakeConfig)
+    chunk_rows: int = Field(default=50_000, gt=0)
+    """Rows per chunk: the unit of reading, of one engine call, of one output part and of resume."""
+    max_input_tokens: int | None = Field(default=None, gt=0)
+    """Cap on a row's text length in tokens; longer text is cut and the row marked ``truncated``.
+    The context length always applies as well."""
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _unique_keep(cls, value: list[str]) -> list[str]:
+        dupes = sorted({c for c in value if value.count(c) > 1})
+        if dupes:
+            raise ValueError(f"lists {dupes} more than once")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from pipeline.backends import BACKENDS
+
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; known: {', '.join(sorted(BACKENDS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> JobConfig:
+        if (self.text_column is None) == (self.text_template is None):
+            raise ValueError("give exactly one of 'text_column' or 'text_template'")
+        if (self.labels is None) == (self.labels_file is None):
+            raise ValueError("give exactly one of 'labels' or 'labels_file'")
+        if self.labels_max_depth is not None and self.labels_file is None:
+            raise ValueError("'labels_max_depth' applies to 'labels_file' only")
+        return self
+
+    @property
+    def name(self) -> str:
+        return Path(self.output).name
+
+
+def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read and validate a job file; ``overrides`` replace top-level keys (from the CLI)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise JobFileError(f"job file {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise JobFileError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise JobFileError(f"{path} must hold a mapping of keys (input:, output:, ...)")
+    raw.update(overrides or {})
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise JobFileError(_explain(exc, path)) from None
+
+
+def _explain(exc: ValidationError, path: Path) -> str:
+    lines = [f"{path}: {exc.error_count()} problem(s) in the job file"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{where}' (check the spelling; see README for the keys)")
+        elif err["type"] == "missing":
+            lines.append(f"  - missing required key '{where}'")
+        else:
+            lines.append(f"  - {where}: {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Prompt templates from ``prompts/*.yaml``, rendered strictly.
+
+A template has a ``system`` message and a ``user`` message, written with ``{name}`` placeholders
+(``{{`` and ``}}`` for literal braces). ``{text}`` (the row) must appear exactly once, in ``user``;
+everything before it is the same for every row, so vLLM's prefix cache computes it once per batch.
+
+Variables: ``labels`` (one ``- label`` per line), ``labels_inline`` (comma separated), ``text``,
+and the job's ``prompt_vars``. A placeholder with no value, or a ``prompt_vars`` key the template
+never uses, is an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import PromptError
+
+BUILTIN_VARS = ("labels", "labels_inline", "text")
+
+
+class PromptTemplate(BaseModel):
+    """The file format of ``prompts/*.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str = ""
+    language: str = "en"
+    """ISO 639-1 code of the prompt's language (en, pl, ...)."""
+    task: Literal["classify"] = "classify"
+    system: str
+    """Instructions and the label list: the shared prefix."""
+    user: str
+    """The per-row message; holds ``{text}``."""
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A template with everything but the row filled in."""
+
+    system: str
+    user_prefix: str
+    user_suffix: str
+    source: str
+
+    def messages(self, text: str) -> list[dict[str, str]]:
+        return [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": self.user_prefix + text + self.user_suffix},
+        ]
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for part in (self.system, self.user_prefix, self.user_suffix):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()[:16]
+
+
+def load_template(path: str | Path) -> PromptTemplate:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PromptError(
+            f"prompt template {path} not found", hint="see prompts/ for the shipped ones"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise PromptError(f"prompt template {path} is not valid YAML: {exc}") from None
+    try:
+        return PromptTemplate.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'file'}: "
+            + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors()
+        )
+        raise PromptError(f"prompt template {path}: {problems}") from None
+
+
+def render(path: str | Path, labels: list[str], prompt_vars: dict[str, str]) -> RenderedPrompt:
+    """Fill a template's shared part; the row text goes in later through ``messages``."""
+    template = load_template(path)
+    values = {
+        "labels": "\n".join(f"- {label}" for label in labels),
+        "labels_inline": ", ".join(labels),
+        **prompt_vars,
+    }
+    clash = sorted(set(prompt_vars) & set(BUILTIN_VARS))
+    if clash:
+        raise PromptError(f"prompt_vars may not redefine built-in variables: {clash}")
+    system_fields = _fields(template.system, path, "system")
+    user_fields = _fields(template.user, path, "user")
+    if "text" in system_fields:
+        raise PromptError(
+            f"{path}: {{text}} is in the system message",
+            hint="put the row text in the user message, after the shared instructions",
+        )
+    if user_fields.count("text") != 1:
+        raise PromptError(f"{path}: the user message must contain {{text}} exactly once")
+    used = set(system_fields) | set(user_fields)
+    missing = sorted(used - set(values) - {"text"})
+    if missing:
+        raise PromptError(
+            f"{path}: template variable(s) {missing} have no value",
+            hint="add them under prompt_vars: in the job file, or fix the placeholder's spelling",
+        )
+    unused = sorted(set(prompt_vars) - used)
+    if unused:
+        raise PromptError(f"prompt_vars {unused} are not used by {path}")
+    prefix, suffix = template.user.split("{text}", 1)
+    return RenderedPrompt(
+        system=template.system.format_map(values).strip(),
+        user_prefix=prefix.format_map(values).lstrip(),
+        user_suffix=suffix.format_map(values).rstrip(),
+        source=str(path),
+    )
+
+
+def _fields(text: str, path: str | Path, part: str) -> list[str]:
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise PromptError(f"{path}: {part} message: {exc} (write {{{{ and }}}} for literal braces)") from None
+    fields = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise PromptError(f"{path}: {part} message: placeholder {{{name}}} must be a plain name")
+        fields.append(name)
+    return fields

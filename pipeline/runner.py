@@ -1,0 +1,343 @@
+"""The chunk loop: the one place that knows the whole order of a run.
+
+    plan (no model): inputs, columns, ids, labels, prompt, fingerprint, chunk plan
+    for each unfinished chunk:
+        read rows -> row text -> token budget -> backend (label-constrained) -> parse -> part + marker
+
+``plan_job`` does every check that can fail before a model loads, so ``labelmill validate`` and
+``labelmill run`` fail the same way on a bad job, and neither wastes a model start on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import yaml
+
+from pipeline import __version__
+from pipeline.backends import Backend, backend_class
+from pipeline.config import JobConfig
+from pipeline.errors import ConfigError
+from pipeline.io import (
+    Chunk,
+    InputFile,
+    check_columns,
+    check_ids,
+    describe,
+    find_inputs,
+    plan_chunks,
+    read_chunk,
+)
+from pipeline.labels import load_labels
+from pipeline.models import model_fingerprint, resolve_model
+from pipeline.prompts import RenderedPrompt, render
+from pipeline.state import RunFolder
+from pipeline.tasks import classify
+from pipeline.text import row_texts, text_columns
+
+# Tokens kept free between the prompt and the context limit: a cut text can re-tokenise a little
+# longer where it joins the template.
+_TOKEN_MARGIN = 8
+GENERATED_ID = "row_id"
+
+
+@dataclass
+class Plan:
+    job: JobConfig
+    labels: list[str]
+    prompt: RenderedPrompt
+    model: str
+    files: list[InputFile]
+    chunks: list[Chunk]
+    id_column: str
+    read_columns: list[str]
+    schema: pa.Schema
+    manifest: dict = field(repr=False)
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.job.sampling.max_tokens or classify.answer_budget(self.labels)
+
+
+def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
+    """Everything that can be checked without a model; raises a LabelmillError on the first problem."""
+    files = describe(find_inputs(job.input))
+    labels = load_labels(job.labels, job.labels_file, job.labels_max_depth)
+    prompt = render(job.prompt, labels, job.prompt_vars)
+    model = resolve_model(job.model) if job.backend != "fake" else job.model
+    text_cols = text_columns(job.text_column, job.text_template)
+    id_cols = [job.id_column] if job.id_column else []
+    read_columns = list(dict.fromkeys(id_cols + job.keep_columns + text_cols))
+    types = check_columns(files, read_columns)
+    id_column = job.id_column or GENERATED_ID
+    clash = {f.name for f in classify.OUTPUT_FIELDS} | ({GENERATED_ID} if not job.id_column else set())
+    bad = sorted(clash & set(job.keep_columns + id_cols))
+    if bad:
+        raise ConfigError(
+            f"column(s) {bad} would clash with labelmill's output columns",
+            hint="rename them in the input, or leave them out of keep_columns",
+        )
+    if job.id_column and check_id_values:
+        check_ids(files, job.id_column)
+    out_fields = [pa.field(id_column, types[job.id_column] if job.id_column else pa.string())]
+    out_fields += [pa.field(c, types[c]) for c in job.keep_columns if c != job.id_column]
+    schema = pa.schema(out_fields + classify.OUTPUT_FIELDS)
+    chunks = plan_chunks(files, job.chunk_rows)
+    components = {
+        "input": _digest([f.identity for f in files]),
+        "rows": _digest([text_cols, job.text_template, job.id_column, job.keep_columns]),
+        "labels": _digest(labels),
+        "prompt": prompt.fingerprint,
+        "model": _digest([job.backend, job.model, model_fingerprint(model)]),
+        "sampling": _digest(job.sampling.model_dump()),
+        "engine": _digest({k: getattr(job.engine, k) for k in job.engine.OUTPUT_FIELDS}),
+        "chunking": _digest([job.chunk_rows, job.max_input_tokens, job.task]),
+    }
+    manifest = {
+        "labelmill_version": __version__,
+        "created_at": _now(),
+        "fingerprint": _digest(components),
+        "components": components,
+        "task": job.task,
+        "provenance": {
+            "backend": job.backend,
+            "model": job.model,
+            "model_path": model,
+            "model_fingerprint": model_fingerprint(model),
+            "prompt_file": job.prompt,
+            "prompt_fingerprint": prompt.fingerprint,
+            "labels": labels,
+            "sampling": job.sampling.model_dump(),
+            "engine": job.engine.model_dump(),
+        },
+        "inputs": [f.identity for f in files],
+        "rows": sum(f.rows for f in files),
+        "chunks": len(chunks),
+        "chunk_rows": job.chunk_rows,
+        "id_column": id_column,
+    }
+    return Plan(job, labels, prompt, model, files, chunks, id_column, read_columns, schema, manifest)
+
+
+def make_backend(plan: Plan) -> Backend:
+    return backend_class(plan.job.backend)(plan.job, plan.model)
+
+
+def text_budget(plan: Plan, backend: Backend) -> int | None:
+    """Most tokens a row's text may have, or None for no limit."""
+    budgets = []
+    if plan.job.max_input_tokens:
+        budgets.append(plan.job.max_input_tokens)
+    limit = backend.max_model_len
+    if limit:
+        overhead = backend.prompt_tokens(plan.prompt.messages(""))
+        room = limit - overhead - plan.max_tokens - _TOKEN_MARGIN
+        if room <= 0:
+            raise ConfigError(
+                f"the prompt alone takes {overhead} tokens and the answer up to {plan.max_tokens}, "
+                f"which leaves no room for row text in max_model_len={limit}",
+                hint="raise engine.max_model_len, or shorten the prompt or the label list",
+            )
+        budgets.append(room)
+    return min(budgets) if budgets else None
+
+
+def label_chunk(plan: Plan, backend: Backend, table: pa.Table, chunk: Chunk, budget: int | None) -> pa.Table:
+    """Label one chunk of input rows; returns the output table (same rows, same order)."""
+    job = plan.job
+    texts = row_texts(table, job.text_column, job.text_template)
+    results = [classify.RowResult() for _ in texts]
+    todo = [i for i, t in enumerate(texts) if t is not None]
+    for i, t in enumerate(texts):
+        if t is None:
+            results[i] = classify.RowResult(status=classify.EMPTY, error="text is null or blank")
+    truncated = set()
+    if budget is not None and todo:
+        for i, n in zip(todo, backend.count_tokens([texts[i] for i in todo]), strict=True):
+            if n > budget:
+                texts[i] = backend.truncate(texts[i], budget)
+                truncated.add(i)
+    # One backend call per chunk, rows in input order: a redone chunk is sent exactly as before.
+    completions = backend.complete(
+        [plan.prompt.messages(texts[i]) for i in todo], plan.labels, plan.max_tokens
+    )
+    label_set = set(plan.labels)
+    for i, completion in zip(todo, completions, strict=True):
+        results[i] = classify.parse(completion, label_set, i in truncated, plan.max_tokens)
+    return _output_table(plan, table, chunk, results)
+
+
+def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: list[classify.RowResult]) -> pa.Table:
+    job = plan.job
+    if job.id_column:
+        ids = table.column(job.id_column)
+    else:
+        name = _relative_name(plan.files[chunk.file_index].path, plan.files)
+        ids = pa.array([f"{name}:{chunk.start + i}" for i in range(table.num_rows)], pa.string())
+    columns = [ids] + [table.column(c) for c in job.keep_columns if c != job.id_column]
+    for f in classify.OUTPUT_FIELDS:
+        columns.append(pa.array([getattr(r, f.name) for r in results], f.type))
+    metadata = {
+        b"labelmill": json.dumps(
+            {
+                "job_fingerprint": plan.manifest["fingerprint"],
+                "model": job.model,
+                "model_fingerprint": plan.manifest["provenance"]["model_fingerprint"],
+                "prompt_fingerprint": plan.prompt.fingerprint,
+                "chunk": chunk.index,
+                "labelmill_version": __version__,
+            }
+        ).encode()
+    }
+    return pa.Table.from_arrays(columns, schema=plan.schema.with_metadata(metadata))
+
+
+def _relative_name(path: Path, files: list[InputFile]) -> str:
+    if len(files) == 1:
+        return path.name
+    root = os.path.commonpath([str(f.path.parent) for f in files])
+    return os.path.relpath(path, root)
+
+
+class Progress:
+    """Rows/s and ETA on stderr (tqdm); silent when ``enabled`` is false."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="row", desc="labelling", dynamic_ncols=True)
+
+    def update(self, rows: int, counts: dict[str, int]) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix({k: v for k, v in counts.items() if v}, refresh=False)
+            self._bar.update(rows)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print) -> dict:
+    """Run (or resume) a job to the end; returns the summary, also written to summary.json."""
+    started = time.perf_counter()
+    folder = RunFolder(job.output)
+    plan = plan_job(job, check_id_values=True)
+    with folder.lock():
+        folder.prepare(
+            plan.manifest, yaml.safe_dump(job.model_dump(), sort_keys=False, allow_unicode=True), restart
+        )
+        finished = folder.finished()
+        todo = [c for c in plan.chunks if c.index not in finished]
+        done_rows = sum(m["rows"] for m in finished.values())
+        if finished:
+            log(f"resuming: {len(finished)}/{len(plan.chunks)} chunks already done ({done_rows} rows)")
+        model_seconds = 0.0
+        rows_now = 0
+        if todo:
+            backend = make_backend(plan)
+            log(f"starting backend {job.backend} with model {job.model} ...")
+            t0 = time.perf_counter()
+            backend.start()
+            log(f"backend ready in {time.perf_counter() - t0:.1f} s")
+            bar = Progress(plan.rows, done_rows, progress)
+            try:
+                budget = text_budget(plan, backend)
+                totals = _count(finished.values())
+                for chunk in todo:
+                    t0 = time.perf_counter()
+                    table = read_chunk(plan.files[chunk.file_index], chunk, plan.read_columns)
+                    out = label_chunk(plan, backend, table, chunk, budget)
+                    seconds = time.perf_counter() - t0
+                    marker = _marker(plan, chunk, out, seconds)
+                    folder.commit(chunk.index, out, marker)
+                    model_seconds += seconds
+                    rows_now += chunk.rows
+                    for k, v in marker["status_counts"].items():
+                        totals[k] = totals.get(k, 0) + v
+                    bar.update(chunk.rows, totals)
+            finally:
+                bar.close()
+                backend.close()
+        summary = summarise(folder, plan.manifest)
+        wall = time.perf_counter() - started
+        summary["this_invocation"] = {
+            "rows_labelled": rows_now,
+            "chunks_labelled": len(todo),
+            "chunks_resumed": len(finished),
+            "wall_seconds": round(wall, 2),
+            "labelling_seconds": round(model_seconds, 2),
+            "rows_per_second": round(rows_now / model_seconds, 2) if model_seconds else None,
+        }
+        folder.write_summary(summary)
+    return summary
+
+
+def _marker(plan: Plan, chunk: Chunk, out: pa.Table, seconds: float) -> dict:
+    statuses = out.column("status").to_pylist()
+    return {
+        "chunk": chunk.index,
+        "file": str(plan.files[chunk.file_index].path),
+        "start": chunk.start,
+        "rows": chunk.rows,
+        "part": f"parts/part-{chunk.index:05d}.parquet",
+        "status_counts": {s: statuses.count(s) for s in classify.STATUSES},
+        "prompt_tokens": sum(x or 0 for x in out.column("prompt_tokens").to_pylist()),
+        "output_tokens": sum(x or 0 for x in out.column("output_tokens").to_pylist()),
+        "seconds": round(seconds, 3),
+        "finished_at": _now(),
+    }
+
+
+def _count(markers) -> dict[str, int]:
+    totals = {s: 0 for s in classify.STATUSES}
+    for m in markers:
+        for k, v in m["status_counts"].items():
+            totals[k] = totals.get(k, 0) + v
+    return totals
+
+
+def summarise(folder: RunFolder, manifest: dict) -> dict:
+    """Totals over every finished chunk on disk (all invocations of the run)."""
+    markers = list(folder.finished().values())
+    rows_done = sum(m["rows"] for m in markers)
+    seconds = sum(m["seconds"] for m in markers)
+    rate = rows_done / seconds if seconds else None
+    remaining = manifest["rows"] - rows_done
+    return {
+        "run_folder": str(folder.root),
+        "complete": len(markers) == manifest["chunks"],
+        "chunks_done": len(markers),
+        "chunks_total": manifest["chunks"],
+        "rows_done": rows_done,
+        "rows_total": manifest["rows"],
+        "status_counts": _count(markers),
+        "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
+        "output_tokens": sum(m["output_tokens"] for m in markers),
+        "labelling_seconds": round(seconds, 2),
+        "rows_per_second": round(rate, 2) if rate else None,
+        "eta_seconds": round(remaining / rate, 1) if rate and remaining else (0 if not remaining else None),
+        "model": manifest["provenance"]["model"],
+        "backend": manifest["provenance"]["backend"],
+        "fingerprint": manifest["fingerprint"],
+    }
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
