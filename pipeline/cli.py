@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 
 import click
@@ -27,8 +28,15 @@ def _domain_errors(fn):
         except LabelmillError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.secho("interrupted: finished chunks are kept; rerun the same command to resume", err=True)
+            sys.exit(130)
 
     return wrapper
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _log(message: str) -> None:
@@ -51,6 +59,8 @@ def run(job_file: str, restart: bool, quiet: bool) -> None:
     from pipeline.config import load_job
     from pipeline.runner import run as run_job
 
+    # A scheduler's SIGTERM unwinds like Ctrl-C, so the engine is shut down and the lock released.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     summary = run_job(load_job(job_file), restart=restart, progress=not quiet, log=_log)
     _print_summary(summary)
     if summary["status_counts"].get("error"):
