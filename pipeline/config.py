@@ -151,7 +151,7 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
     """Read and validate a job file; ``overrides`` replace top-level keys (from the CLI)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise JobFileError(f"job file {path} not found") from None
     except yaml.YAMLError as exc:

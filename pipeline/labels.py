@@ -57,7 +57,7 @@ def validate_labels(labels: list[str], where: str) -> list[str]:
 
 def _read_labels_file(path: Path, max_depth: int | None) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte order mark
     except FileNotFoundError:
         raise LabelsError(f"labels file {path} not found") from None
     except UnicodeDecodeError as exc:

@@ -67,7 +67,7 @@ class RenderedPrompt:
 def load_template(path: str | Path) -> PromptTemplate:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise PromptError(
             f"prompt template {path} not found", hint="see prompts/ for the shipped ones"
@@ -115,11 +115,20 @@ def render(path: str | Path, labels: list[str], prompt_vars: dict[str, str]) -> 
     unused = sorted(set(prompt_vars) - used)
     if unused:
         raise PromptError(f"prompt_vars {unused} are not used by {path}")
-    prefix, suffix = template.user.split("{text}", 1)
+    # Split the user message at the {text} placeholder itself, not at a literal "{{text}}".
+    before: list[str] = []
+    after: list[str] = []
+    side = before
+    for literal, name, _, _ in string.Formatter().parse(template.user):
+        side.append(literal)
+        if name == "text":
+            side = after
+        elif name is not None:
+            side.append(values[name])
     return RenderedPrompt(
         system=template.system.format_map(values).strip(),
-        user_prefix=prefix.format_map(values).lstrip(),
-        user_suffix=suffix.format_map(values).rstrip(),
+        user_prefix="".join(before).lstrip(),
+        user_suffix="".join(after).rstrip(),
         source=str(path),
     )
 

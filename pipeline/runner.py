@@ -24,7 +24,7 @@ import yaml
 from pipeline import __version__
 from pipeline.backends import Backend, backend_class
 from pipeline.config import JobConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputFormatError
 from pipeline.io import (
     Chunk,
     InputFile,
@@ -80,6 +80,12 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
     id_cols = [job.id_column] if job.id_column else []
     read_columns = list(dict.fromkeys(id_cols + job.keep_columns + text_cols))
     types = check_columns(files, read_columns)
+    for col in text_cols:
+        if pa.types.is_nested(types[col]):
+            raise InputFormatError(
+                f"text column '{col}' is {types[col]}: a list, struct or map can't be read as text",
+                hint="point text_column / text_template at a string column",
+            )
     id_column = job.id_column or GENERATED_ID
     clash = {f.name for f in classify.OUTPUT_FIELDS} | ({GENERATED_ID} if not job.id_column else set())
     bad = sorted(clash & set(job.keep_columns + id_cols))
@@ -248,12 +254,13 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
         rows_now = 0
         if todo:
             backend = make_backend(plan)
-            log(f"starting backend {job.backend} with model {job.model} ...")
-            t0 = time.perf_counter()
-            backend.start()
-            log(f"backend ready in {time.perf_counter() - t0:.1f} s")
-            bar = Progress(plan.rows, done_rows, progress)
+            bar = None
             try:
+                log(f"starting backend {job.backend} with model {job.model} ...")
+                t0 = time.perf_counter()
+                backend.start()
+                log(f"backend ready in {time.perf_counter() - t0:.1f} s")
+                bar = Progress(plan.rows, done_rows, progress)
                 budget = text_budget(plan, backend)
                 totals = _count(finished.values())
                 for chunk in todo:
@@ -269,7 +276,8 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
                         totals[k] = totals.get(k, 0) + v
                     bar.update(chunk.rows, totals)
             finally:
-                bar.close()
+                if bar is not None:
+                    bar.close()
                 backend.close()
         summary = summarise(folder, plan.manifest)
         wall = time.perf_counter() - started

@@ -96,6 +96,8 @@ class RunFolder:
             for path in (self.manifest_path, self.summary_path):
                 path.unlink(missing_ok=True)
         old = self.manifest()
+        if old is not None and old.get("fingerprint") != manifest["fingerprint"] and not self.finished():
+            old = None  # nothing was finished under the old job (it failed at start): nothing to protect
         if old is not None and old.get("fingerprint") != manifest["fingerprint"]:
             before, now = old.get("components", {}), manifest["components"]
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
@@ -111,6 +113,7 @@ class RunFolder:
             for tmp in folder.glob(".*.tmp-*"):
                 tmp.unlink(missing_ok=True)
         if old is None:
+            self.summary_path.unlink(missing_ok=True)
             write_text_atomic(json.dumps(manifest, indent=2, ensure_ascii=False), self.manifest_path)
         write_text_atomic(job_yaml, self.job_path)
 

@@ -141,7 +141,13 @@ class VllmBackend(Backend):
             logprobs=0,  # the chosen token's logprob only
             structured_outputs=StructuredOutputsParams(choice=list(choices)),
         )
-        outputs = self._llm.chat(conversations, params, use_tqdm=False)
+        try:
+            outputs = self._llm.chat(conversations, params, use_tqdm=False)
+        except Exception as exc:  # engine died or refused the batch: the chunk is not marked done
+            raise BackendError(
+                f"vLLM failed on a batch of {len(conversations)} prompts: {type(exc).__name__}: {exc}",
+                hint="finished chunks are kept; fix the cause and rerun the same command to resume",
+            ) from exc
         if len(outputs) != len(conversations):
             raise BackendError(f"vLLM returned {len(outputs)} answers for {len(conversations)} prompts")
         results = []

@@ -1,0 +1,143 @@
+"""Shared fixtures: small Parquet inputs and job files that run on the ``fake`` backend.
+
+Nothing here loads vLLM or torch: every job uses ``backend: fake`` and ``model: fake``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.config import JobConfig, load_job
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPTS_DIR = REPO_ROOT / "prompts"
+PROMPT_EN = PROMPTS_DIR / "classify_product.en.yaml"
+TAXONOMY_PL = REPO_ROOT / "sample_data" / "shopify-taxonomy" / "categories.pl.txt"
+LABELS = ["Coffee", "Tea", "Vitamin", "Shoes"]
+
+
+def default_table(rows: int = 25) -> pa.Table:
+    """``id`` (int64, unique), ``title`` (string) and ``brand`` (string) columns."""
+    return pa.table(
+        {
+            "id": pa.array(range(1000, 1000 + rows), pa.int64()),
+            "title": pa.array([f"product number {i} with a title" for i in range(rows)], pa.string()),
+            "brand": pa.array([f"brand {i % 3}" for i in range(rows)], pa.string()),
+        }
+    )
+
+
+def write_table(path: Path, data: pa.Table | dict, row_group_size: int | None = None) -> Path:
+    table = data if isinstance(data, pa.Table) else pa.table(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+@dataclass
+class JobFiles:
+    """A job YAML on disk, with the paths it names."""
+
+    path: Path
+    input: Path
+    output: Path
+    spec: dict
+
+    def load(self) -> JobConfig:
+        return load_job(self.path)
+
+    def rewrite(self, **changes: Any) -> JobFiles:
+        """Write the same job file again with some top-level keys changed (``None`` drops one)."""
+        spec = {**self.spec, **changes}
+        spec = {k: v for k, v in spec.items() if v is not None}
+        self.path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        self.spec = spec
+        return self
+
+
+@pytest.fixture
+def parquet_file(tmp_path: Path) -> Callable[..., Path]:
+    """``parquet_file(data=None, name="input.parquet", row_group_size=None)`` -> the written path."""
+
+    def make(
+        data: pa.Table | dict | None = None, name: str = "input.parquet", row_group_size: int | None = None
+    ) -> Path:
+        return write_table(tmp_path / name, default_table() if data is None else data, row_group_size)
+
+    return make
+
+
+@pytest.fixture
+def make_job(tmp_path: Path) -> Callable[..., JobFiles]:
+    """Write an input and a job file for the fake backend; keyword arguments override job keys.
+
+    ``data`` is the input table (default: 25 rows of ``default_table``); ``input`` replaces the
+    input path (then ``data`` is not written); a key set to ``None`` is left out of the job.
+    """
+    counter = {"n": 0}
+
+    def make(
+        data: pa.Table | dict | None = None,
+        *,
+        name: str | None = None,
+        row_group_size: int | None = None,
+        **overrides: Any,
+    ) -> JobFiles:
+        counter["n"] += 1
+        name = name or f"job{counter['n']}"
+        base = tmp_path / name
+        base.mkdir(parents=True, exist_ok=True)
+        if "input" in overrides:
+            input_path = Path(overrides.pop("input"))
+        else:
+            input_path = write_table(
+                base / "input.parquet", default_table() if data is None else data, row_group_size
+            )
+        output = base / "run"
+        spec: dict[str, Any] = {
+            "input": str(input_path),
+            "output": str(output),
+            "id_column": "id",
+            "text_column": "title",
+            "labels": list(LABELS),
+            "prompt": str(PROMPT_EN),
+            "model": "fake",
+            "backend": "fake",
+            "chunk_rows": 10,
+        }
+        spec.update(overrides)
+        spec = {k: v for k, v in spec.items() if v is not None}
+        job_path = base / "job.yaml"
+        job_path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        return JobFiles(job_path, input_path, Path(spec["output"]), spec)
+
+    return make
+
+
+@pytest.fixture
+def read_parts() -> Callable[[Path], pa.Table]:
+    """All part files of a run folder, in chunk order, as one table (schema metadata kept)."""
+
+    def read(run_folder: Path) -> pa.Table:
+        parts = sorted((Path(run_folder) / "parts").glob("part-*.parquet"))
+        assert parts, f"no part files in {run_folder}"
+        return pa.concat_tables([pq.read_table(p) for p in parts])
+
+    return read
+
+
+@pytest.fixture
+def labelmill_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty ``LABELMILL_HOME``: model look-ups see no fetched checkpoint."""
+    home = tmp_path / "labelmill-home"
+    home.mkdir()
+    monkeypatch.setenv("LABELMILL_HOME", str(home))
+    return home
