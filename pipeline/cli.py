@@ -74,6 +74,7 @@ def run(job_file: str, restart: bool, quiet: bool) -> None:
 def validate(job_file: str, rows: int) -> None:
     """Check a job without loading a model: inputs, labels, prompt, token counts."""
     from pipeline.config import load_job
+    from pipeline.errors import BackendError
     from pipeline.io import read_chunk
     from pipeline.runner import make_backend, plan_job, text_budget
     from pipeline.text import row_texts
@@ -93,9 +94,7 @@ def validate(job_file: str, rows: int) -> None:
     try:
         budget = text_budget(plan, backend)
         _log(f"  budget  row text up to {budget if budget else 'unlimited'} tokens")
-    except LabelmillError as exc:
-        if exc.exit_code != 4:  # a missing tokenizer only limits what validate can show
-            raise
+    except BackendError as exc:  # a tokenizer that isn't here only limits what validate can show
         _log(f"  tokens  not counted: {exc.message}")
         backend = None
     if not plan.chunks:

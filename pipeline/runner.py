@@ -100,12 +100,13 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
     out_fields += [pa.field(c, types[c]) for c in job.keep_columns if c != job.id_column]
     schema = pa.schema(out_fields + classify.OUTPUT_FIELDS)
     chunks = plan_chunks(files, job.chunk_rows)
+    weights = model_fingerprint(model)
     components = {
         "input": _digest([f.identity for f in files]),
         "rows": _digest([text_cols, job.text_template, job.id_column, job.keep_columns]),
         "labels": _digest(labels),
         "prompt": prompt.fingerprint,
-        "model": _digest([job.backend, job.model, model_fingerprint(model)]),
+        "model": _digest([job.backend, job.model, weights]),
         "sampling": _digest(job.sampling.model_dump()),
         "engine": _digest({k: getattr(job.engine, k) for k in job.engine.OUTPUT_FIELDS}),
         "chunking": _digest([job.chunk_rows, job.max_input_tokens, job.task]),
@@ -120,7 +121,7 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
             "backend": job.backend,
             "model": job.model,
             "model_path": model,
-            "model_fingerprint": model_fingerprint(model),
+            "model_fingerprint": weights,
             "prompt_file": job.prompt,
             "prompt_fingerprint": prompt.fingerprint,
             "labels": labels,
