@@ -2,7 +2,7 @@
 
 Exit codes: 0 done; 1 unexpected crash; 2 bad job or input; 3 run folder refuses (changed job,
 locked); 4 backend or model failed; 5 output could not be written; 6 finished, but some rows have
-status ``error`` (they are in the output with the reason).
+status ``error`` or ``invalid`` (they are in the output with the reason; rerun to retry ``error`` rows).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def run(job_file: str, restart: bool, quiet: bool) -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     summary = run_job(load_job(job_file), restart=restart, progress=not quiet, log=_log)
     _print_summary(summary)
-    if summary["status_counts"].get("error"):
+    counts = summary["status_counts"]
+    if counts.get("error") or counts.get("invalid"):
         sys.exit(EXIT_ROW_ERRORS)
 
 
@@ -139,7 +140,8 @@ def _print_summary(s: dict, to_err: bool = True) -> None:
     lines = [
         f"chunks  {s['chunks_done']}/{s['chunks_total']}",
         f"rows    {s['rows_done']}/{s['rows_total']} ({counts})",
-        f"tokens  {s['prompt_tokens']} in, {s['output_tokens']} out",
+        f"tokens  {s['prompt_tokens']} in ({s.get('cached_tokens', 0)} cached), {s['output_tokens']} out",
+        f"retries {s.get('retries', 0)}",
         f"speed   {rate if rate else '-'} rows/s over {s['labelling_seconds']} s of labelling",
     ]
     if not s["complete"] and s.get("eta_seconds") is not None:

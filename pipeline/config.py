@@ -65,6 +65,40 @@ class SamplingConfig(_Strict):
     """Per-request seed for sampling (temperature > 0)."""
 
 
+class ApiConfig(_Strict):
+    """An OpenAI-compatible chat completions server (backend ``openai``)."""
+
+    base_url: str
+    """Up to and including ``/v1``, e.g. ``http://127.0.0.1:8000/v1`` or ``https://openrouter.ai/api/v1``."""
+    api_key_env: str | None = None
+    """Name of the environment variable that holds the API key (never the key itself). None: no key."""
+    max_concurrency: int = Field(default=16, ge=1, le=4096)
+    """Requests in flight at once."""
+    timeout_s: float = Field(default=60.0, gt=0)
+    """Seconds to wait for one answer before it counts as a failed attempt."""
+    max_retries: int = Field(default=5, ge=0, le=50)
+    """Retries of a request after 429, 5xx, timeouts, dropped connections or garbled answers."""
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    """Client-side rate limits (estimated prompt tokens + answer budget per request)."""
+    constraint: Literal["choice", "json_schema", "none"] = "choice"
+    """How answers are held to the label set: ``choice`` (vLLM server's structured outputs),
+    ``json_schema`` (OpenAI-style ``response_format`` with an enum; no confidence), ``none``
+    (prompt only). Answers are validated against the labels in every case."""
+    logprobs: bool = True
+    """Ask for token logprobs, for the confidence column (servers that don't return them give null)."""
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    """Provider-specific fields merged into every request body."""
+
+    @field_validator("extra_body")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if any(word in key.lower() for word in ("key", "token", "secret", "authorization")):
+                raise ValueError(f"'{key}' looks like a credential; put it in an environment variable")
+        return value
+
+
 class FakeConfig(_Strict):
     """Settings of the ``fake`` test-double backend."""
 
@@ -105,10 +139,13 @@ class JobConfig(_Strict):
     """A local checkpoint folder, a model alias from ``labelmill models list``, or a Hugging Face
     id (served from the local Hugging Face cache; nothing is downloaded by labelmill)."""
     backend: str = "vllm"
-    """``vllm`` (offline engine) or ``fake`` (deterministic test double, never a quality claim)."""
+    """``vllm`` (offline engine), ``openai`` (any OpenAI-compatible server, see ``api``) or ``fake``
+    (deterministic test double, never a quality claim)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     fake: FakeConfig = Field(default_factory=FakeConfig)
+    api: ApiConfig | None = None
+    """Server settings for ``backend: openai``."""
     chunk_rows: int = Field(default=50_000, gt=0)
     """Rows per chunk: the unit of reading, of one engine call, of one output part and of resume."""
     max_input_tokens: int | None = Field(default=None, gt=0)
@@ -138,6 +175,8 @@ class JobConfig(_Strict):
             raise ValueError("give exactly one of 'text_column' or 'text_template'")
         if (self.labels is None) == (self.labels_file is None):
             raise ValueError("give exactly one of 'labels' or 'labels_file'")
+        if self.backend == "openai" and self.api is None:
+            raise ValueError("backend 'openai' needs an 'api:' section with at least base_url")
         if self.labels_max_depth is not None and self.labels_file is None:
             raise ValueError("'labels_max_depth' applies to 'labels_file' only")
         return self

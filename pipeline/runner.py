@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from pipeline import __version__
@@ -160,15 +161,31 @@ def text_budget(plan: Plan, backend: Backend) -> int | None:
     return min(budgets) if budgets else None
 
 
-def label_chunk(plan: Plan, backend: Backend, table: pa.Table, chunk: Chunk, budget: int | None) -> pa.Table:
-    """Label one chunk of input rows; returns the output table (same rows, same order)."""
+def label_chunk(
+    plan: Plan,
+    backend: Backend,
+    table: pa.Table,
+    chunk: Chunk,
+    budget: int | None,
+    previous: pa.Table | None = None,
+) -> tuple[pa.Table, int]:
+    """Label one chunk of input rows: the output table (same rows, same order) and the retries spent.
+
+    With ``previous`` (this chunk's earlier output), only its rows with status ``error`` are sent
+    again; every other row keeps its earlier result.
+    """
     job = plan.job
     texts = row_texts(table, job.text_column, job.text_template)
-    results = [classify.RowResult() for _ in texts]
-    todo = [i for i, t in enumerate(texts) if t is not None]
-    for i, t in enumerate(texts):
-        if t is None:
-            results[i] = classify.RowResult(status=classify.EMPTY, error="text is null or blank")
+    if previous is None:
+        results = [
+            classify.RowResult(status=classify.EMPTY, error="text is null or blank") if t is None else None
+            for t in texts
+        ]
+    else:
+        names = [f.name for f in classify.OUTPUT_FIELDS]
+        results = [classify.RowResult(**row) for row in previous.select(names).to_pylist()]
+        results = [None if r.status == classify.ERROR else r for r in results]
+    todo = [i for i, r in enumerate(results) if r is None]
     truncated = set()
     if budget is not None and todo:
         for i, n in zip(todo, backend.count_tokens([texts[i] for i in todo]), strict=True):
@@ -182,7 +199,7 @@ def label_chunk(plan: Plan, backend: Backend, table: pa.Table, chunk: Chunk, bud
     label_set = set(plan.labels)
     for i, completion in zip(todo, completions, strict=True):
         results[i] = classify.parse(completion, label_set, i in truncated, plan.max_tokens)
-    return _output_table(plan, table, chunk, results)
+    return _output_table(plan, table, chunk, results), sum(c.retries for c in completions)
 
 
 def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: list[classify.RowResult]) -> pa.Table:
@@ -248,12 +265,17 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
         )
         finished = folder.finished()
         todo = [c for c in plan.chunks if c.index not in finished]
+        # Finished chunks with rows the backend failed on (status error) get those rows retried.
+        repair = [c for c in plan.chunks if finished.get(c.index, {}).get("status_counts", {}).get("error")]
         done_rows = sum(m["rows"] for m in finished.values())
         if finished:
             log(f"resuming: {len(finished)}/{len(plan.chunks)} chunks already done ({done_rows} rows)")
+        if repair:
+            failed = sum(finished[c.index]["status_counts"]["error"] for c in repair)
+            log(f"retrying {failed} row(s) with status error in {len(repair)} finished chunk(s)")
         model_seconds = 0.0
         rows_now = 0
-        if todo:
+        if todo or repair:
             backend = make_backend(plan)
             bar = None
             try:
@@ -264,18 +286,20 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
                 bar = Progress(plan.rows, done_rows, progress)
                 budget = text_budget(plan, backend)
                 totals = _count(finished.values())
-                for chunk in todo:
+                for chunk in sorted(repair + todo, key=lambda c: c.index):
                     t0 = time.perf_counter()
                     table = read_chunk(plan.files[chunk.file_index], chunk, plan.read_columns)
-                    out = label_chunk(plan, backend, table, chunk, budget)
+                    earlier = finished.get(chunk.index)
+                    previous = pq.read_table(folder.part_path(chunk.index)) if earlier else None
+                    out, retries = label_chunk(plan, backend, table, chunk, budget, previous)
                     seconds = time.perf_counter() - t0
-                    marker = _marker(plan, chunk, out, seconds)
+                    marker = _marker(plan, chunk, out, seconds, retries, earlier)
                     folder.commit(chunk.index, out, marker)
                     model_seconds += seconds
-                    rows_now += chunk.rows
+                    rows_now += chunk.rows if earlier is None else earlier["status_counts"]["error"]
                     for k, v in marker["status_counts"].items():
-                        totals[k] = totals.get(k, 0) + v
-                    bar.update(chunk.rows, totals)
+                        totals[k] = totals.get(k, 0) - (earlier or {}).get("status_counts", {}).get(k, 0) + v
+                    bar.update(chunk.rows if earlier is None else 0, totals)
             finally:
                 if bar is not None:
                     bar.close()
@@ -285,6 +309,7 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
         summary["this_invocation"] = {
             "rows_labelled": rows_now,
             "chunks_labelled": len(todo),
+            "chunks_retried": len(repair),
             "chunks_resumed": len(finished),
             "wall_seconds": round(wall, 2),
             "labelling_seconds": round(model_seconds, 2),
@@ -294,8 +319,11 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
     return summary
 
 
-def _marker(plan: Plan, chunk: Chunk, out: pa.Table, seconds: float) -> dict:
+def _marker(
+    plan: Plan, chunk: Chunk, out: pa.Table, seconds: float, retries: int, earlier: dict | None
+) -> dict:
     statuses = out.column("status").to_pylist()
+    earlier = earlier or {}
     return {
         "chunk": chunk.index,
         "file": str(plan.files[chunk.file_index].path),
@@ -303,11 +331,18 @@ def _marker(plan: Plan, chunk: Chunk, out: pa.Table, seconds: float) -> dict:
         "rows": chunk.rows,
         "part": f"parts/part-{chunk.index:05d}.parquet",
         "status_counts": {s: statuses.count(s) for s in classify.STATUSES},
-        "prompt_tokens": sum(x or 0 for x in out.column("prompt_tokens").to_pylist()),
-        "output_tokens": sum(x or 0 for x in out.column("output_tokens").to_pylist()),
-        "seconds": round(seconds, 3),
+        "prompt_tokens": _total(out, "prompt_tokens"),
+        "cached_tokens": _total(out, "cached_tokens"),
+        "output_tokens": _total(out, "output_tokens"),
+        # A retried chunk adds to what its first pass cost, so the totals stay honest.
+        "retries": earlier.get("retries", 0) + retries,
+        "seconds": round(earlier.get("seconds", 0.0) + seconds, 3),
         "finished_at": _now(),
     }
+
+
+def _total(out: pa.Table, column: str) -> int:
+    return sum(x or 0 for x in out.column(column).to_pylist())
 
 
 def _count(markers) -> dict[str, int]:
@@ -334,7 +369,9 @@ def summarise(folder: RunFolder, manifest: dict) -> dict:
         "rows_total": manifest["rows"],
         "status_counts": _count(markers),
         "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
+        "cached_tokens": sum(m.get("cached_tokens", 0) for m in markers),
         "output_tokens": sum(m["output_tokens"] for m in markers),
+        "retries": sum(m.get("retries", 0) for m in markers),
         "labelling_seconds": round(seconds, 2),
         "rows_per_second": round(rate, 2) if rate else None,
         "eta_seconds": round(remaining / rate, 1) if rate and remaining else (0 if not remaining else None),

@@ -37,7 +37,7 @@ def test_run_prints_summary_and_exits_0(cli: CliRunner, make_job) -> None:
     result = cli.invoke(main, ["run", "--quiet", str(job_files.path)])
     assert result.exit_code == 0, result.output
     assert "chunks  3/3" in result.output
-    assert "rows    25/25 (ok 25, truncated 0, empty_input 0, error 0)" in result.output
+    assert "rows    25/25 (ok 25, truncated 0, empty_input 0, invalid 0, error 0)" in result.output
     assert "now     25 rows labelled, 0 chunks resumed" in result.output
     assert f"output  {job_files.output}/parts/*.parquet" in result.output
     assert len(list((job_files.output / "parts").glob("part-*.parquet"))) == 3
@@ -142,7 +142,7 @@ def test_run_with_row_errors_exits_6(cli: CliRunner, make_job, monkeypatch) -> N
     job_files = make_job(default_table(4))
     result = cli.invoke(main, ["run", "--quiet", str(job_files.path)])
     assert result.exit_code == 6, result.output
-    assert "error 4" in result.output
+    assert "invalid 4" in result.output
 
 
 def test_status_on_a_folder_that_is_not_a_run_exits_3(cli: CliRunner, tmp_path: Path) -> None:

@@ -112,9 +112,9 @@ def test_labels_max_depth_without_labels_file_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_backend_is_named_with_the_known_ones(tmp_path: Path) -> None:
-    message = job_error(tmp_path, {**BASE, "backend": "openai"})
+    message = job_error(tmp_path, {**BASE, "backend": "anthropic"})
     assert "backend" in message
-    assert "'openai'" in message
+    assert "'anthropic'" in message
     assert "fake" in message and "vllm" in message
 
 

@@ -37,6 +37,7 @@ OUTPUT_TYPES = {
     "error": pa.string(),
     "prompt_tokens": pa.int32(),
     "output_tokens": pa.int32(),
+    "cached_tokens": pa.int32(),
 }
 
 
@@ -73,7 +74,7 @@ def test_rows_in_equal_rows_out_across_chunks(make_job, read_parts) -> None:
     assert summary["complete"] is True
     assert summary["rows_done"] == summary["rows_total"] == 25
     assert summary["chunks_done"] == summary["chunks_total"] == 3
-    assert summary["status_counts"] == {"ok": 25, "truncated": 0, "empty_input": 0, "error": 0}
+    assert summary["status_counts"] == {"ok": 25, "truncated": 0, "empty_input": 0, "invalid": 0, "error": 0}
     assert summary["this_invocation"]["chunks_labelled"] == 3
     assert summary["this_invocation"]["chunks_resumed"] == 0
     assert json.loads((job_files.output / "summary.json").read_text())["rows_done"] == 25
@@ -317,7 +318,7 @@ def test_text_template_missing_column_refused(make_job) -> None:
     assert not job_files.output.exists()
 
 
-def test_answers_outside_the_label_set_become_error_rows(make_job, read_parts, monkeypatch) -> None:
+def test_answers_outside_the_label_set_become_invalid_rows(make_job, read_parts, monkeypatch) -> None:
     real_complete = FakeBackend.complete
 
     def complete(self, conversations, choices, max_tokens):
@@ -337,7 +338,7 @@ def test_answers_outside_the_label_set_become_error_rows(make_job, read_parts, m
     job_files = make_job(data)
     summary = quiet_run(job_files.load())
     rows = read_parts(job_files.output).to_pylist()
-    assert [r["status"] for r in rows] == ["ok", "error", "error", "ok"]
+    assert [r["status"] for r in rows] == ["ok", "invalid", "invalid", "ok"]
     assert rows[1]["label"] is None and rows[1]["confidence"] is None
     assert "not one of the labels" in rows[1]["error"]
     assert "'Not a label'" in rows[1]["error"]
@@ -345,7 +346,8 @@ def test_answers_outside_the_label_set_become_error_rows(make_job, read_parts, m
     assert "max_tokens" in rows[2]["error"]
     assert rows[3]["label"] == "Tea"
     assert rows[3]["confidence"] == pytest.approx(math.exp(-0.5))
-    assert summary["status_counts"]["error"] == 2
+    assert summary["status_counts"]["invalid"] == 2
+    assert summary["status_counts"]["error"] == 0
     assert summary["rows_done"] == 4
 
 
@@ -642,7 +644,7 @@ def test_markers_count_statuses_and_tokens(make_job, read_parts) -> None:
     marker = json.loads(RunFolder(job_files.output).marker_path(0).read_text())
     out = read_parts(job_files.output)
     assert marker["rows"] == 5
-    assert marker["status_counts"] == {"ok": 3, "truncated": 0, "empty_input": 2, "error": 0}
+    assert marker["status_counts"] == {"ok": 3, "truncated": 0, "empty_input": 2, "invalid": 0, "error": 0}
     assert marker["prompt_tokens"] == sum(x or 0 for x in out.column("prompt_tokens").to_pylist())
     assert marker["part"] == "parts/part-00000.parquet"
 
@@ -650,3 +652,40 @@ def test_markers_count_statuses_and_tokens(make_job, read_parts) -> None:
 def test_statuses_constant_matches_summary_keys(make_job) -> None:
     summary = quiet_run(make_job(default_table(3)).load())
     assert list(summary["status_counts"]) == list(classify.STATUSES)
+
+
+def test_rows_the_backend_failed_on_are_retried_on_rerun(make_job, read_parts, monkeypatch) -> None:
+    real_complete = FakeBackend.complete
+    calls: list[int] = []
+
+    def flaky(self, conversations, choices, max_tokens):
+        calls.append(len(conversations))
+        out = real_complete(self, conversations, choices, max_tokens)
+        if len(calls) <= 3:  # the first pass over the 3 chunks: every "FLAKY" row fails
+            for i, messages in enumerate(conversations):
+                if "FLAKY" in messages[-1]["content"]:
+                    out[i] = Completion("", None, 0, 0, None, error="HTTP 503 after 5 retries", retries=5)
+        return out
+
+    monkeypatch.setattr(FakeBackend, "complete", flaky)
+    titles = [f"FLAKY row {i}" if i in (3, 17) else f"Green tea {i}" for i in range(25)]
+    data = pa.table({"id": pa.array(range(25), pa.int64()), "title": titles})
+    job_files = make_job(data, chunk_rows=10)
+    first = quiet_run(job_files.load())
+    assert first["status_counts"]["error"] == 2
+    assert first["retries"] == 10
+    before = read_parts(job_files.output).to_pylist()
+    assert [r["status"] for r in before if r["id"] in (3, 17)] == ["error", "error"]
+    assert all(r["label"] is None for r in before if r["status"] == "error")
+
+    second = quiet_run(job_files.load())
+    # Only the two failed rows went to the backend again, one call per chunk that held them.
+    assert calls[3:] == [1, 1]
+    assert second["status_counts"]["error"] == 0
+    assert second["status_counts"]["ok"] == 25
+    assert second["this_invocation"]["chunks_retried"] == 2
+    after = read_parts(job_files.output).to_pylist()
+    assert [r["id"] for r in after] == list(range(25))
+    unchanged = [(a["label"], a["confidence"]) for a in after if a["id"] not in (3, 17)]
+    assert unchanged == [(b["label"], b["confidence"]) for b in before if b["id"] not in (3, 17)]
+    assert all(r["label"] for r in after)

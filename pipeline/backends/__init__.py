@@ -11,6 +11,7 @@ from pipeline.backends.base import Backend, Completion, Messages
 
 BACKENDS: dict[str, str] = {
     "vllm": "pipeline.backends.vllm:VllmBackend",
+    "openai": "pipeline.backends.openai:OpenAIBackend",
     "fake": "pipeline.backends.fake:FakeBackend",
 }
 

@@ -22,6 +22,11 @@ class Completion:
     prompt_tokens: int
     output_tokens: int
     finish_reason: str | None
+    cached_tokens: int | None = None
+    """Prompt tokens the server served from its cache, where it says so."""
+    error: str | None = None
+    """Why no answer came (after retries); the row gets status ``error`` and is retried on rerun."""
+    retries: int = 0
 
 
 class Backend(ABC):
@@ -79,3 +84,27 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_BYTES_PER_TOKEN = 4
+
+
+class ByteTokens:
+    """Token arithmetic for backends without a local tokenizer: one token per 4 bytes of UTF-8.
+
+    Close enough for budgets and rate limits of English and Polish text; exact counts come back
+    from the server with each answer.
+    """
+
+    @staticmethod
+    def _tokens(text: str) -> int:
+        return -(-len(text.encode("utf-8")) // _BYTES_PER_TOKEN)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [self._tokens(t) for t in texts]
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return text.encode("utf-8")[: max_tokens * _BYTES_PER_TOKEN].decode("utf-8", errors="ignore")
+
+    def prompt_tokens(self, messages: Messages) -> int:
+        return sum(self._tokens(m["content"]) + 4 for m in messages)

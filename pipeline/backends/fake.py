@@ -11,27 +11,11 @@ import hashlib
 import math
 import time
 
-from pipeline.backends.base import Backend, Completion, Messages
-
-_BYTES_PER_TOKEN = 4
+from pipeline.backends.base import Backend, ByteTokens, Completion, Messages
 
 
-def _tokens(text: str) -> int:
-    return -(-len(text.encode("utf-8")) // _BYTES_PER_TOKEN)
-
-
-class FakeBackend(Backend):
+class FakeBackend(ByteTokens, Backend):
     name = "fake"
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return [_tokens(t) for t in texts]
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        cut = text.encode("utf-8")[: max_tokens * _BYTES_PER_TOKEN]
-        return cut.decode("utf-8", errors="ignore")
-
-    def prompt_tokens(self, messages: Messages) -> int:
-        return sum(_tokens(m["content"]) + 4 for m in messages)
 
     def complete(
         self, conversations: list[Messages], choices: list[str], max_tokens: int
@@ -49,7 +33,7 @@ class FakeBackend(Backend):
                     text=label,
                     logprob=math.log(confidence),
                     prompt_tokens=self.prompt_tokens(messages),
-                    output_tokens=_tokens(label) + 1,
+                    output_tokens=self._tokens(label) + 1,
                     finish_reason="stop",
                 )
             )

@@ -14,9 +14,11 @@ import pyarrow as pa
 
 from pipeline.backends.base import Completion
 
-# Row statuses, in the order the summary prints them.
-OK, EMPTY, TRUNCATED, ERROR = "ok", "empty_input", "truncated", "error"
-STATUSES = (OK, TRUNCATED, EMPTY, ERROR)
+# Row statuses, in the order the summary prints them. ``invalid``: the model answered, but not with
+# a label (the answer is kept in ``error``; rerunning won't change it). ``error``: no answer came
+# (the backend failed for this row after its retries); rerunning the job retries these rows.
+OK, EMPTY, TRUNCATED, INVALID, ERROR = "ok", "empty_input", "truncated", "invalid", "error"
+STATUSES = (OK, TRUNCATED, EMPTY, INVALID, ERROR)
 
 OUTPUT_FIELDS = [
     pa.field("label", pa.string()),
@@ -25,6 +27,7 @@ OUTPUT_FIELDS = [
     pa.field("error", pa.string()),
     pa.field("prompt_tokens", pa.int32()),
     pa.field("output_tokens", pa.int32()),
+    pa.field("cached_tokens", pa.int32()),
 ]
 
 
@@ -36,6 +39,7 @@ class RowResult:
     error: str | None = None
     prompt_tokens: int | None = None
     output_tokens: int | None = None
+    cached_tokens: int | None = None
 
 
 def answer_budget(labels: list[str]) -> int:
@@ -50,10 +54,16 @@ def answer_budget(labels: list[str]) -> int:
 
 def parse(completion: Completion, labels: set[str], truncated: bool, max_tokens: int) -> RowResult:
     """Turn a backend answer into the row's label, confidence and status."""
-    result = RowResult(prompt_tokens=completion.prompt_tokens, output_tokens=completion.output_tokens)
+    if completion.error is not None:
+        return RowResult(status=ERROR, error=completion.error)
+    result = RowResult(
+        prompt_tokens=completion.prompt_tokens,
+        output_tokens=completion.output_tokens,
+        cached_tokens=completion.cached_tokens,
+    )
     answer = completion.text.strip()
     if answer not in labels:
-        result.status = ERROR
+        result.status = INVALID
         if completion.finish_reason == "length":
             result.error = f"answer cut at max_tokens={max_tokens} before a label was complete: {answer!r}"
         else:

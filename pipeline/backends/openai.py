@@ -1,0 +1,245 @@
+"""OpenAI-compatible chat completions over HTTP: vLLM's server, Ollama, OpenRouter, Groq, Together,
+DeepInfra, Fireworks, OpenAI itself.
+
+Requests run concurrently (``api.max_concurrency``), under optional request and token rate limits.
+Transient failures (429, 5xx, timeouts, dropped connections, unparseable bodies) are retried with
+exponential backoff and jitter, honouring ``Retry-After``. A row that still fails gets status
+``error`` with the reason and the run goes on; rerunning the job retries only those rows.
+Authentication and "not found" answers (401, 403, 404) stop the run at once: every row would fail.
+
+The API key is read from the environment variable named by ``api.api_key_env`` when the backend
+starts, sent only in the Authorization header, and scrubbed from any error text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+
+from pipeline.backends.base import Backend, ByteTokens, Completion, Messages
+from pipeline.errors import BackendError, BackendUnavailableError
+
+FATAL_STATUS = {401: "authentication failed", 403: "access denied", 404: "not found"}
+RETRY_AFTER_CAP_S = 120.0
+
+
+class _Transient(Exception):
+    """A failure worth retrying; ``retry_after`` is the server's own advice in seconds."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class _RowFailure(Exception):
+    """A failure retrying can't fix, for this row only (e.g. 400: prompt too long)."""
+
+
+class RateLimiter:
+    """At most ``per_minute`` units in any 60 s window (a sliding log; fine for thousands/min)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._log: list[tuple[float, int]] = []
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, units: int = 1) -> None:
+        units = min(units, self.per_minute)
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._log = [(t, n) for t, n in self._log if now - t < 60.0]
+                if sum(n for _, n in self._log) + units <= self.per_minute:
+                    self._log.append((now, units))
+                    return
+                await asyncio.sleep(max(0.01, 60.0 - (now - self._log[0][0])))
+
+
+class OpenAIBackend(ByteTokens, Backend):
+    name = "openai"
+
+    _key: str | None = None
+
+    @property
+    def api(self):
+        if self.job.api is None:
+            raise BackendError("backend 'openai' needs an 'api:' section (base_url, ...) in the job file")
+        return self.job.api
+
+    def start(self) -> None:
+        try:
+            import httpx  # noqa: F401
+        except ImportError:
+            raise BackendUnavailableError("httpx is not installed", hint="pip install httpx") from None
+        env = self.api.api_key_env
+        if env:
+            self._key = os.environ.get(env)
+            if not self._key:
+                raise BackendError(
+                    f"no API key: the environment variable {env} is not set",
+                    hint=f"export {env}=... before running (the key never goes in the job file)",
+                )
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.job.engine.max_model_len
+
+    def complete(
+        self, conversations: list[Messages], choices: list[str], max_tokens: int
+    ) -> list[Completion]:
+        if not conversations:
+            return []
+        return asyncio.run(self._complete_all(conversations, choices, max_tokens))
+
+    async def _complete_all(self, conversations, choices, max_tokens) -> list[Completion]:
+        import httpx
+
+        api = self.api
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        limits = httpx.Limits(
+            max_connections=api.max_concurrency, max_keepalive_connections=api.max_concurrency
+        )
+        gate = asyncio.Semaphore(api.max_concurrency)
+        rpm = RateLimiter(api.requests_per_minute) if api.requests_per_minute else None
+        tpm = RateLimiter(api.tokens_per_minute) if api.tokens_per_minute else None
+        async with httpx.AsyncClient(
+            base_url=api.base_url.rstrip("/"), headers=headers, timeout=api.timeout_s, limits=limits
+        ) as client:
+
+            async def one(messages: Messages) -> Completion:
+                async with gate:
+                    if rpm:
+                        await rpm.acquire()
+                    if tpm:
+                        await tpm.acquire(self.prompt_tokens(messages) + max_tokens)
+                    return await self._with_retries(client, messages, choices, max_tokens)
+
+            return list(await asyncio.gather(*(one(m) for m in conversations)))
+
+    async def _with_retries(self, client, messages, choices, max_tokens) -> Completion:
+        api = self.api
+        retries = 0
+        while True:
+            try:
+                return await self._request(client, messages, choices, max_tokens, retries)
+            except _RowFailure as exc:
+                return _failed(self._scrub(str(exc)), retries)
+            except _Transient as exc:
+                if retries >= api.max_retries:
+                    return _failed(f"gave up after {retries + 1} attempts: {self._scrub(str(exc))}", retries)
+                retries += 1
+                await asyncio.sleep(_backoff(retries, exc.retry_after))
+
+    async def _request(self, client, messages, choices, max_tokens, retries) -> Completion:
+        import httpx
+
+        body = self._body(messages, choices, max_tokens)
+        try:
+            resp = await client.post("/chat/completions", json=body)
+        except httpx.TimeoutException:
+            raise _Transient(f"no answer within timeout_s={self.api.timeout_s}") from None
+        except httpx.TransportError as exc:
+            raise _Transient(f"connection failed: {type(exc).__name__}: {exc}") from None
+        if resp.status_code in FATAL_STATUS:
+            raise BackendError(
+                f"{self.api.base_url}: HTTP {resp.status_code} {FATAL_STATUS[resp.status_code]}: "
+                f"{self._scrub(resp.text[:300])}",
+                hint="check api_key_env, base_url and model in the job file",
+            )
+        if resp.status_code == 429 or resp.status_code >= 500:
+            raise _Transient(f"HTTP {resp.status_code}: {self._scrub(resp.text[:200])}", _retry_after(resp))
+        if resp.status_code >= 400:
+            raise _RowFailure(f"HTTP {resp.status_code}: {resp.text[:300]}")
+        try:
+            data = resp.json()
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+            usage = data.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Transient(f"malformed response body: {resp.text[:200]!r}") from None
+        if self.api.constraint == "json_schema":
+            text = _label_from_json(text)
+        details = usage.get("prompt_tokens_details") or {}
+        return Completion(
+            text=text,
+            logprob=_sum_logprobs(choice) if self.api.constraint != "json_schema" else None,
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            output_tokens=usage.get("completion_tokens", 0),
+            finish_reason=choice.get("finish_reason"),
+            cached_tokens=details.get("cached_tokens"),
+            retries=retries,
+        )
+
+    def _body(self, messages, choices, max_tokens) -> dict:
+        api, s = self.api, self.job.sampling
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": max_tokens,
+        }
+        if s.seed is not None:
+            body["seed"] = s.seed
+        if api.logprobs and api.constraint != "json_schema":
+            body["logprobs"] = True
+        if api.constraint == "choice":
+            body["structured_outputs"] = {"choice": list(choices)}
+        elif api.constraint == "json_schema":
+            body["max_tokens"] = max_tokens + 16  # room for {"label": ""}
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "label",
+                    "strict": True,
+                    "schema": {
+                        "type": "object",
+                        "properties": {"label": {"type": "string", "enum": list(choices)}},
+                        "required": ["label"],
+                        "additionalProperties": False,
+                    },
+                },
+            }
+        body.update(api.extra_body)
+        return body
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+
+def _failed(reason: str, retries: int) -> Completion:
+    return Completion(text="", logprob=None, prompt_tokens=0, output_tokens=0, finish_reason=None,
+                      error=reason, retries=retries)  # fmt: skip
+
+
+def _backoff(attempt: int, retry_after: float | None) -> float:
+    if retry_after is not None:
+        return min(retry_after, RETRY_AFTER_CAP_S)
+    # exponential backoff with full jitter: 0.5, 1, 2, 4 ... s, capped at 30 s
+    return random.uniform(0, min(30.0, 0.5 * 2 ** (attempt - 1)))
+
+
+def _retry_after(resp) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date; fall back to backoff
+
+
+def _sum_logprobs(choice: dict) -> float | None:
+    content = (choice.get("logprobs") or {}).get("content")
+    if not content:
+        return None
+    return sum(item["logprob"] for item in content)
+
+
+def _label_from_json(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value.get("label", text) if isinstance(value, dict) else text
