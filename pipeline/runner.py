@@ -76,7 +76,7 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
     files = describe(find_inputs(job.input))
     labels = load_labels(job.labels, job.labels_file, job.labels_max_depth)
     prompt = render(job.prompt, labels, job.prompt_vars)
-    model = resolve_model(job.model) if job.backend != "fake" else job.model
+    model = resolve_model(job.model) if backend_class(job.backend).loads_weights else job.model
     text_cols = text_columns(job.text_column, job.text_template)
     id_cols = [job.id_column] if job.id_column else []
     read_columns = list(dict.fromkeys(id_cols + job.keep_columns + text_cols))

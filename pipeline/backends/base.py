@@ -38,6 +38,9 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
+    loads_weights: ClassVar[bool] = False
+    """True when ``model:`` names weights this machine loads (resolved to a local folder); False when
+    it is a name passed verbatim to a server."""
 
     def __init__(self, job: JobConfig, model: str) -> None:
         self.job = job

@@ -39,10 +39,11 @@ class _RowFailure(Exception):
 
 
 class RateLimiter:
-    """At most ``per_minute`` units in any 60 s window (a sliding log; fine for thousands/min)."""
+    """At most ``per_minute`` units in any sliding window of ``window_s`` seconds."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, window_s: float = 60.0) -> None:
         self.per_minute = per_minute
+        self.window_s = window_s
         self._log: list[tuple[float, int]] = []
         self._lock = asyncio.Lock()
 
@@ -51,11 +52,11 @@ class RateLimiter:
         async with self._lock:
             while True:
                 now = time.monotonic()
-                self._log = [(t, n) for t, n in self._log if now - t < 60.0]
+                self._log = [(t, n) for t, n in self._log if now - t < self.window_s]
                 if sum(n for _, n in self._log) + units <= self.per_minute:
                     self._log.append((now, units))
                     return
-                await asyncio.sleep(max(0.01, 60.0 - (now - self._log[0][0])))
+                await asyncio.sleep(max(0.005, self.window_s - (now - self._log[0][0])))
 
 
 class OpenAIBackend(ByteTokens, Backend):

@@ -25,6 +25,7 @@ INSTALL_HINT = (
 
 class VllmBackend(Backend):
     name = "vllm"
+    loads_weights = True
 
     _llm = None
 

@@ -1,0 +1,302 @@
+"""Cost accounting for benchmarks: the price table, dollars for measured usage, and projections.
+
+``prices.yaml`` (repository root) lists API prices per million tokens and GPU prices per hour. It is
+data the user edits, so it is loaded as strictly as a job file: an unknown key, a negative price, a
+repeated id or a missing field is refused with the file and the entry's id named, never guessed.
+
+The arithmetic is deliberately plain, and its assumptions are the ones a reader must accept before
+trusting a projection:
+
+- Cost scales linearly with rows. A sample of N rows that cost C costs C * M / N for M rows: no
+  volume discounts, no rate-limit stalls, no change in the mix of row lengths.
+- API cost is list price times measured tokens. Cache writes, cache storage, long-context surcharges,
+  retries and taxes are not counted.
+- Self-hosted cost is measured wall time times the GPU's price per hour (times the number of GPUs),
+  as the user states it in ``prices.yaml``. Idle time, start-up, storage and egress count only as far
+  as they are inside the measured wall time.
+
+Prices go stale. Every price carries its ``as_of`` date and whether it was read on the provider's
+own page (:attr:`ApiPrice.verified`), and a :class:`Projection` passes both on so that a report
+can show them next to the dollars.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+UNVERIFIED_NOTE = "unverified; check source"
+"""A ``note`` starting with this marks a price not read on the provider's own page."""
+
+_URL_PATTERN = r"^https?://\S+$"
+_TOKENS_PER_MTOK = 1_000_000
+_SECONDS_PER_HOUR = 3600
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiPrice(_Strict):
+    """One hosted model's token prices, USD per 1,000,000 tokens."""
+
+    id: str = Field(min_length=1)
+    """Unique name, conventionally ``<provider>/<model>``."""
+    provider: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    """The model name as the provider's API spells it."""
+    input_per_mtok: float = Field(ge=0)
+    """Input tokens that are not prompt-cache hits."""
+    cached_input_per_mtok: float | None = Field(ge=0)
+    """Input tokens read from the provider's prompt cache. Required, but may be null: null means the
+    provider gives no caching discount, and cached tokens are billed at ``input_per_mtok``."""
+    output_per_mtok: float = Field(ge=0)
+    batch_discount: float = Field(ge=0, lt=1)
+    """Fraction taken off every token by the provider's batch API (0.5 = half price); 0 = none."""
+    as_of: dt.date
+    """When the price was read."""
+    source: str = Field(pattern=_URL_PATTERN)
+    """The provider's pricing page, where the figure should be checked."""
+    note: str | None = None
+    """Free text; starts with :data:`UNVERIFIED_NOTE` when the figure was not read at ``source``."""
+
+    @property
+    def verified(self) -> bool:
+        return not (self.note or "").startswith(UNVERIFIED_NOTE)
+
+
+class GpuPrice(_Strict):
+    """One GPU's rental price, USD per GPU per hour."""
+
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    usd_per_hour: float = Field(gt=0)
+    as_of: dt.date
+    source: str = Field(pattern=_URL_PATTERN)
+    note: str = Field(min_length=1)
+    """Which kind of offer (on-demand, spot, reserved; which provider). Starts with
+    :data:`UNVERIFIED_NOTE` when the figure was not read at ``source``."""
+
+    @property
+    def verified(self) -> bool:
+        return not self.note.startswith(UNVERIFIED_NOTE)
+
+
+class PriceTable(_Strict):
+    """The whole ``prices.yaml``. Ids are unique across both lists, so one id names one backend."""
+
+    api: list[ApiPrice] = Field(default_factory=list)
+    gpu: list[GpuPrice] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> PriceTable:
+        seen: dict[str, str] = {}
+        for where, entries in (("api", self.api), ("gpu", self.gpu)):
+            for i, entry in enumerate(entries):
+                here = f"{where}[{i}]"
+                if entry.id in seen:
+                    raise ValueError(
+                        f"duplicate id '{entry.id}' ({seen[entry.id]} and {here}); ids must be unique"
+                    )
+                seen[entry.id] = here
+        return self
+
+    def get(self, price_id: str) -> ApiPrice | GpuPrice:
+        """The entry with this id; a ConfigError listing the known ids if there is none."""
+        for entry in (*self.api, *self.gpu):
+            if entry.id == price_id:
+                return entry
+        known = ", ".join(e.id for e in (*self.api, *self.gpu)) or "(none)"
+        raise ConfigError(f"no price with id '{price_id}'; known: {known}")
+
+
+def load_prices(path: str | Path = "prices.yaml") -> PriceTable:
+    """Read and validate a price table. Relative paths start at the current directory."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ConfigError(f"price file {path} not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"price file {path} is not UTF-8 text ({exc.reason})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping with 'api:' and 'gpu:' lists")
+    try:
+        return PriceTable.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, path, raw)) from None
+
+
+def _explain(exc: ValidationError, path: Path, raw: dict[str, Any]) -> str:
+    """One line per problem, naming the entry by its id (or its position when it has none)."""
+    lines = [f"{path}: {exc.error_count()} problem(s) in the price table"]
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = _entry_name(raw, loc)
+        field = ".".join(str(p) for p in loc[2:]) if where else ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {where or '(top level)'}: unknown key '{field}'")
+        elif err["type"] == "missing":
+            lines.append(f"  - {where or '(top level)'}: missing required key '{field}'")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {where + ': ' if where else ''}{field + ': ' if field else ''}{message}")
+    return "\n".join(lines)
+
+
+def _entry_name(raw: dict[str, Any], loc: list[Any]) -> str:
+    """``api[2] (id 'openai/gpt-4o-mini')`` for a location inside a list entry, else ``''``."""
+    if len(loc) < 2 or loc[0] not in ("api", "gpu") or not isinstance(loc[1], int):
+        return ""
+    name = f"{loc[0]}[{loc[1]}]"
+    entries = raw.get(loc[0])
+    if isinstance(entries, list) and loc[1] < len(entries) and isinstance(entries[loc[1]], dict):
+        entry_id = entries[loc[1]].get("id")
+        if entry_id is not None:
+            name += f" (id '{entry_id}')"
+    return name
+
+
+def api_cost(
+    price: ApiPrice, input_tokens: int, cached_tokens: int, output_tokens: int, batch: bool = False
+) -> float:
+    """USD for this usage at ``price``.
+
+    ``input_tokens`` counts every prompt token, the cached ones included; ``cached_tokens`` is the
+    part of them read from the provider's prompt cache. That is how OpenAI, Gemini and vLLM report
+    usage (Anthropic reports cache reads apart: add them to ``input_tokens`` first). Cached tokens
+    cost ``cached_input_per_mtok`` when the price has one, else the full input price. ``batch``
+    applies the batch discount to everything, cached tokens included.
+    """
+    _check_counts(input_tokens=input_tokens, cached_tokens=cached_tokens, output_tokens=output_tokens)
+    if cached_tokens > input_tokens:
+        raise ValueError(f"cached_tokens ({cached_tokens}) exceeds input_tokens ({input_tokens})")
+    cached_rate = price.input_per_mtok if price.cached_input_per_mtok is None else price.cached_input_per_mtok
+    usd = (
+        (input_tokens - cached_tokens) * price.input_per_mtok
+        + cached_tokens * cached_rate
+        + output_tokens * price.output_per_mtok
+    ) / _TOKENS_PER_MTOK
+    return usd * (1 - price.batch_discount) if batch else usd
+
+
+def self_hosted_cost(gpu: GpuPrice, wall_seconds: float, gpus: int = 1) -> float:
+    """USD for renting ``gpus`` GPUs for ``wall_seconds``: wall time x price per GPU-hour x GPUs.
+
+    The wall time is the user's measurement; whatever it leaves out (model load, idle machines,
+    storage) is not in the cost.
+    """
+    if wall_seconds < 0:
+        raise ValueError(f"wall_seconds must be >= 0, got {wall_seconds}")
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    return wall_seconds / _SECONDS_PER_HOUR * gpu.usd_per_hour * gpus
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Measured totals of one benchmark run on one backend.
+
+    Token counts follow :func:`api_cost` (``cached_tokens`` is part of ``input_tokens``).
+    ``wall_seconds`` is the run's wall-clock time at the parallelism it ran with.
+    """
+
+    rows: int
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    wall_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.rows < 1:
+            raise ValueError(f"a sample needs at least one row, got {self.rows}")
+        _check_counts(
+            input_tokens=self.input_tokens,
+            cached_tokens=self.cached_tokens,
+            output_tokens=self.output_tokens,
+            wall_seconds=self.wall_seconds,
+        )
+        if self.cached_tokens > self.input_tokens:
+            raise ValueError(
+                f"cached_tokens ({self.cached_tokens}) exceeds input_tokens ({self.input_tokens})"
+            )
+
+
+@dataclass(frozen=True)
+class Projection:
+    """What a sample says ``target_rows`` would cost on one backend, scaled linearly."""
+
+    backend: str
+    """The price id."""
+    kind: Literal["api", "self-hosted"]
+    sample_rows: int
+    target_rows: int
+    input_tokens_per_item: float
+    cached_tokens_per_item: float
+    output_tokens_per_item: float
+    usd_per_million_items: float
+    target_usd: float
+    target_hours: float
+    """Wall-clock hours at the sample's parallelism (its GPUs, or its API request concurrency).
+    A provider's batch API sets its own turnaround (up to a day) and is not predicted here."""
+    price_as_of: dt.date
+    price_verified: bool
+
+    @property
+    def tokens_per_item(self) -> float:
+        """Input plus output tokens per row (cached tokens are part of the input)."""
+        return self.input_tokens_per_item + self.output_tokens_per_item
+
+
+def project(
+    sample: Sample,
+    price: ApiPrice | GpuPrice,
+    target_rows: int = 100_000_000,
+    *,
+    batch: bool = False,
+    gpus: int = 1,
+) -> Projection:
+    """Scale a measured sample to ``target_rows`` on one backend.
+
+    For an :class:`ApiPrice` the dollars come from the sample's tokens (``batch`` applies the batch
+    discount); for a :class:`GpuPrice` from its wall time on ``gpus`` GPUs. Either way the sample's
+    cost and wall time per row are multiplied by ``target_rows``: cost is assumed linear in rows.
+    """
+    if target_rows < 1:
+        raise ValueError(f"target_rows must be >= 1, got {target_rows}")
+    if isinstance(price, ApiPrice):
+        kind: Literal["api", "self-hosted"] = "api"
+        sample_usd = api_cost(price, sample.input_tokens, sample.cached_tokens, sample.output_tokens, batch)
+    else:
+        kind = "self-hosted"
+        sample_usd = self_hosted_cost(price, sample.wall_seconds, gpus)
+    usd_per_row = sample_usd / sample.rows
+    return Projection(
+        backend=price.id,
+        kind=kind,
+        sample_rows=sample.rows,
+        target_rows=target_rows,
+        input_tokens_per_item=sample.input_tokens / sample.rows,
+        cached_tokens_per_item=sample.cached_tokens / sample.rows,
+        output_tokens_per_item=sample.output_tokens / sample.rows,
+        usd_per_million_items=usd_per_row * 1_000_000,
+        target_usd=usd_per_row * target_rows,
+        target_hours=sample.wall_seconds / sample.rows * target_rows / _SECONDS_PER_HOUR,
+        price_as_of=price.as_of,
+        price_verified=price.verified,
+    )
+
+
+def _check_counts(**counts: float) -> None:
+    for name, value in counts.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
