@@ -157,6 +157,42 @@ def _print_summary(s: dict, to_err: bool = True) -> None:
         click.echo(line, err=to_err)
 
 
+@main.command("export")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--max-requests", default=50_000, show_default=True, help="Requests per file.")
+@click.option("--max-mb", default=200, show_default=True, help="Megabytes per file.")
+@_domain_errors
+def export_cmd(job_file: str, out_dir: str, max_requests: int, max_mb: int) -> None:
+    """Write a job's requests as OpenAI batch JSONL (Batch API, vllm run-batch)."""
+    from pipeline.batchfiles import export
+    from pipeline.config import load_job
+
+    result = export(load_job(job_file), out_dir, max_requests, max_mb * 1024 * 1024)
+    click.echo(f"{result['requests']} requests for {result['rows']} rows in {len(result['files'])} file(s):")
+    for name in result["files"]:
+        click.echo(f"  {result['folder']}/{name}")
+
+
+@main.command("import")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--restart", is_flag=True, help="Discard this run folder's parts first (after a job change).")
+@_domain_errors
+def import_cmd(job_file: str, results: tuple[str, ...], restart: bool) -> None:
+    """Read batch result JSONL files into the job's run folder, as if the job had run."""
+    from pipeline.batchfiles import import_results
+    from pipeline.config import load_job
+
+    summary = import_results(load_job(job_file), list(results), restart=restart)
+    done = summary["import"]
+    _log(f"imported {done['imported_answers']} answers; {done['rows_without_answer']} row(s) had none")
+    _print_summary(summary)
+    counts = summary["status_counts"]
+    if counts.get("error") or counts.get("invalid"):
+        sys.exit(EXIT_ROW_ERRORS)
+
+
 @main.group()
 def models() -> None:
     """Known models and local checkpoints."""

@@ -161,19 +161,38 @@ def text_budget(plan: Plan, backend: Backend) -> int | None:
     return min(budgets) if budgets else None
 
 
-def label_chunk(
+@dataclass
+class PendingChunk:
+    """A chunk's rows with their text ready; ``todo`` are the positions still needing an answer."""
+
+    chunk: Chunk
+    table: pa.Table
+    texts: list[str | None]
+    results: list[classify.RowResult | None]
+    todo: list[int]
+    truncated: set[int]
+
+    def conversations(self, plan: Plan) -> list[list[dict[str, str]]]:
+        return [plan.prompt.messages(self.texts[i]) for i in self.todo]
+
+    def finish(self, plan: Plan, completions) -> pa.Table:
+        """Fill the ``todo`` rows from answers (in ``todo`` order); the chunk's output table."""
+        label_set = set(plan.labels)
+        for i, completion in zip(self.todo, completions, strict=True):
+            self.results[i] = classify.parse(completion, label_set, i in self.truncated, plan.max_tokens)
+        return _output_table(plan, self.table, self.chunk, self.results)
+
+
+def prepare_chunk(
     plan: Plan,
     backend: Backend,
     table: pa.Table,
     chunk: Chunk,
     budget: int | None,
     previous: pa.Table | None = None,
-) -> tuple[pa.Table, int]:
-    """Label one chunk of input rows: the output table (same rows, same order) and the retries spent.
-
-    With ``previous`` (this chunk's earlier output), only its rows with status ``error`` are sent
-    again; every other row keeps its earlier result.
-    """
+) -> PendingChunk:
+    """Row text, empty rows, truncation. With ``previous`` (this chunk's earlier output), only its
+    rows with status ``error`` are pending; every other row keeps its earlier result."""
     job = plan.job
     texts = row_texts(table, job.text_column, job.text_template)
     if previous is None:
@@ -192,14 +211,22 @@ def label_chunk(
             if n > budget:
                 texts[i] = backend.truncate(texts[i], budget)
                 truncated.add(i)
+    return PendingChunk(chunk, table, texts, results, todo, truncated)
+
+
+def label_chunk(
+    plan: Plan,
+    backend: Backend,
+    table: pa.Table,
+    chunk: Chunk,
+    budget: int | None,
+    previous: pa.Table | None = None,
+) -> tuple[pa.Table, int]:
+    """Label one chunk of input rows: the output table (same rows, same order) and the retries spent."""
+    pending = prepare_chunk(plan, backend, table, chunk, budget, previous)
     # One backend call per chunk, rows in input order: a redone chunk is sent exactly as before.
-    completions = backend.complete(
-        [plan.prompt.messages(texts[i]) for i in todo], plan.labels, plan.max_tokens
-    )
-    label_set = set(plan.labels)
-    for i, completion in zip(todo, completions, strict=True):
-        results[i] = classify.parse(completion, label_set, i in truncated, plan.max_tokens)
-    return _output_table(plan, table, chunk, results), sum(c.retries for c in completions)
+    completions = backend.complete(pending.conversations(plan), plan.labels, plan.max_tokens)
+    return pending.finish(plan, completions), sum(c.retries for c in completions)
 
 
 def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: list[classify.RowResult]) -> pa.Table:
@@ -254,15 +281,19 @@ class Progress:
             self._bar.close()
 
 
+def open_run(folder: RunFolder, plan: Plan, restart: bool) -> None:
+    """Start or check the run folder for this plan (call under ``folder.lock()``)."""
+    job_yaml = yaml.safe_dump(plan.job.model_dump(), sort_keys=False, allow_unicode=True)
+    folder.prepare(plan.manifest, job_yaml, restart)
+
+
 def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print) -> dict:
     """Run (or resume) a job to the end; returns the summary, also written to summary.json."""
     started = time.perf_counter()
     folder = RunFolder(job.output)
     plan = plan_job(job, check_id_values=True)
     with folder.lock():
-        folder.prepare(
-            plan.manifest, yaml.safe_dump(job.model_dump(), sort_keys=False, allow_unicode=True), restart
-        )
+        open_run(folder, plan, restart)
         finished = folder.finished()
         todo = [c for c in plan.chunks if c.index not in finished]
         # Finished chunks with rows the backend failed on (status error) get those rows retried.
@@ -293,7 +324,7 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
                     previous = pq.read_table(folder.part_path(chunk.index)) if earlier else None
                     out, retries = label_chunk(plan, backend, table, chunk, budget, previous)
                     seconds = time.perf_counter() - t0
-                    marker = _marker(plan, chunk, out, seconds, retries, earlier)
+                    marker = chunk_marker(plan, chunk, out, seconds, retries, earlier)
                     folder.commit(chunk.index, out, marker)
                     model_seconds += seconds
                     rows_now += chunk.rows if earlier is None else earlier["status_counts"]["error"]
@@ -319,7 +350,7 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
     return summary
 
 
-def _marker(
+def chunk_marker(
     plan: Plan, chunk: Chunk, out: pa.Table, seconds: float, retries: int, earlier: dict | None
 ) -> dict:
     statuses = out.column("status").to_pylist()

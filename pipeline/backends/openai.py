@@ -18,6 +18,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 
 from pipeline.backends.base import Backend, ByteTokens, Completion, Messages
 from pipeline.errors import BackendError, BackendUnavailableError
@@ -156,59 +157,72 @@ class OpenAIBackend(ByteTokens, Backend):
             raise _RowFailure(f"HTTP {resp.status_code}: {resp.text[:300]}")
         try:
             data = resp.json()
-            choice = data["choices"][0]
-            text = choice["message"]["content"] or ""
-            usage = data.get("usage") or {}
-        except (ValueError, KeyError, IndexError, TypeError):
+        except ValueError:
             raise _Transient(f"malformed response body: {resp.text[:200]!r}") from None
-        if self.api.constraint == "json_schema":
-            text = _label_from_json(text)
-        details = usage.get("prompt_tokens_details") or {}
-        return Completion(
-            text=text,
-            logprob=_sum_logprobs(choice) if self.api.constraint != "json_schema" else None,
-            prompt_tokens=usage.get("prompt_tokens", 0),
-            output_tokens=usage.get("completion_tokens", 0),
-            finish_reason=choice.get("finish_reason"),
-            cached_tokens=details.get("cached_tokens"),
-            retries=retries,
-        )
+        completion = parse_completion(data, self.api.constraint)
+        if completion is None:
+            raise _Transient(f"malformed response body: {resp.text[:200]!r}")
+        return replace(completion, retries=retries)
 
     def _body(self, messages, choices, max_tokens) -> dict:
-        api, s = self.api, self.job.sampling
-        body = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "max_tokens": max_tokens,
-        }
-        if s.seed is not None:
-            body["seed"] = s.seed
-        if api.logprobs and api.constraint != "json_schema":
-            body["logprobs"] = True
-        if api.constraint == "choice":
-            body["structured_outputs"] = {"choice": list(choices)}
-        elif api.constraint == "json_schema":
-            body["max_tokens"] = max_tokens + 16  # room for {"label": ""}
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": "label",
-                    "strict": True,
-                    "schema": {
-                        "type": "object",
-                        "properties": {"label": {"type": "string", "enum": list(choices)}},
-                        "required": ["label"],
-                        "additionalProperties": False,
-                    },
-                },
-            }
-        body.update(api.extra_body)
-        return body
+        return request_body(self.job, self.model, messages, choices, max_tokens)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
+
+
+def request_body(job, model: str, messages: Messages, choices: list[str], max_tokens: int) -> dict:
+    """The chat completions request for one row (also what ``labelmill export`` writes)."""
+    api, s = job.api, job.sampling
+    body = {
+        "model": model,
+        "messages": messages,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "max_tokens": max_tokens,
+    }
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if api.logprobs and api.constraint != "json_schema":
+        body["logprobs"] = True
+    if api.constraint == "choice":
+        body["structured_outputs"] = {"choice": list(choices)}
+    elif api.constraint == "json_schema":
+        body["max_tokens"] = max_tokens + 16  # room for {"label": ""}
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "label",
+                "strict": True,
+                "schema": {
+                    "type": "object",
+                    "properties": {"label": {"type": "string", "enum": list(choices)}},
+                    "required": ["label"],
+                    "additionalProperties": False,
+                },
+            },
+        }
+    body.update(api.extra_body)
+    return body
+
+
+def parse_completion(data: dict, constraint: str) -> Completion | None:
+    """A chat completion response body -> Completion; None if it is not one."""
+    try:
+        choice = data["choices"][0]
+        text = choice["message"]["content"] or ""
+        usage = data.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return Completion(
+        text=_label_from_json(text) if constraint == "json_schema" else text,
+        logprob=_sum_logprobs(choice) if constraint != "json_schema" else None,
+        prompt_tokens=usage.get("prompt_tokens", 0),
+        output_tokens=usage.get("completion_tokens", 0),
+        finish_reason=choice.get("finish_reason"),
+        cached_tokens=details.get("cached_tokens"),
+    )
 
 
 def _failed(reason: str, retries: int) -> Completion:
@@ -233,9 +247,10 @@ def _retry_after(resp) -> float | None:
 
 def _sum_logprobs(choice: dict) -> float | None:
     content = (choice.get("logprobs") or {}).get("content")
-    if not content:
+    values = [item.get("logprob") for item in content or [] if isinstance(item, dict)]
+    if not values or not all(isinstance(v, (int, float)) for v in values):
         return None
-    return sum(item["logprob"] for item in content)
+    return sum(values)
 
 
 def _label_from_json(text: str) -> str:
