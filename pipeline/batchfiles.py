@@ -122,7 +122,8 @@ def _completion(line: dict, constraint: str) -> Completion:
     if line.get("error") or status != 200:
         reason = line.get("error") or (response.get("body") or {}).get("error")
         where = f"HTTP {status}" if status is not None else "no response"
-        return Completion("", None, 0, 0, None, error=f"batch request failed ({where}): {json.dumps(reason)[:300]}")
+        reason = json.dumps(reason)[:300]
+        return Completion("", None, 0, 0, None, error=f"batch request failed ({where}): {reason}")
     completion = parse_completion(response.get("body") or {}, constraint)
     if completion is None:
         return Completion("", None, 0, 0, None, error="batch result has no chat completion body")
