@@ -193,6 +193,52 @@ def import_cmd(job_file: str, results: tuple[str, ...], restart: bool) -> None:
         sys.exit(EXIT_ROW_ERRORS)
 
 
+@main.command("bench")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--backends", required=True, help="Comma-separated profile names from --profiles.")
+@click.option(
+    "--sample", "sample_rows", default=2000, show_default=True, help="Rows to sample from the input."
+)
+@click.option(
+    "--project", "target_rows", default=100_000_000, show_default=True, help="Rows to project costs to."
+)
+@click.option("--gold-column", default=None, help="Input column with the right labels, for accuracy.")
+@click.option("--price-apis", default="", help="Price-table API ids to project from measured tokens.")
+@click.option("--profiles", default="backends.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--prices", default="prices.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", default=None, help="Report folder [default: out/bench-<job output name>].")
+@click.option("--seed", default=0, show_default=True)
+@_domain_errors
+def bench_cmd(
+    job_file, backends, sample_rows, target_rows, gold_column, price_apis, profiles, prices, out_dir, seed
+):
+    """Run one sample on several backends; report items/s, tokens, $ per 1M items, agreement."""
+    from pathlib import Path
+
+    from pipeline.bench import bench, load_profiles
+    from pipeline.config import load_job
+    from pipeline.costs import load_prices
+
+    job = load_job(job_file)
+    out = Path(out_dir or f"out/bench-{job.name}")
+    report = bench(
+        job,
+        [b.strip() for b in backends.split(",") if b.strip()],
+        load_profiles(profiles),
+        load_prices(prices),
+        out,
+        sample_rows=sample_rows,
+        target_rows=target_rows,
+        gold_column=gold_column,
+        price_apis=[p.strip() for p in price_apis.split(",") if p.strip()],
+        seed=seed,
+        log=_log,
+    )
+    click.echo((out / "bench.md").read_text())
+    priced = len(report["projections"])
+    click.echo(f"report: {out}/bench.md, {out}/bench.png, {out}/bench.json ({priced} priced rows)")
+
+
 @main.group()
 def models() -> None:
     """Known models and local checkpoints."""

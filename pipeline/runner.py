@@ -403,7 +403,7 @@ def summarise(folder: RunFolder, manifest: dict) -> dict:
         "cached_tokens": sum(m.get("cached_tokens", 0) for m in markers),
         "output_tokens": sum(m["output_tokens"] for m in markers),
         "retries": sum(m.get("retries", 0) for m in markers),
-        "labelling_seconds": round(seconds, 2),
+        "labelling_seconds": round(seconds, 3),
         "rows_per_second": round(rate, 2) if rate else None,
         "eta_seconds": round(remaining / rate, 1) if rate and remaining else (0 if not remaining else None),
         "model": manifest["provenance"]["model"],

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import time
 from dataclasses import replace
 
@@ -122,18 +121,37 @@ class OpenAIBackend(ByteTokens, Backend):
             return list(await asyncio.gather(*(one(m) for m in conversations)))
 
     async def _with_retries(self, client, messages, choices, max_tokens) -> Completion:
-        api = self.api
-        retries = 0
-        while True:
-            try:
-                return await self._request(client, messages, choices, max_tokens, retries)
-            except _RowFailure as exc:
-                return _failed(self._scrub(str(exc)), retries)
-            except _Transient as exc:
-                if retries >= api.max_retries:
-                    return _failed(f"gave up after {retries + 1} attempts: {self._scrub(str(exc))}", retries)
-                retries += 1
-                await asyncio.sleep(_backoff(retries, exc.retry_after))
+        from tenacity import (
+            AsyncRetrying,
+            retry_if_exception_type,
+            stop_after_attempt,
+            wait_random_exponential,
+        )
+
+        jitter = wait_random_exponential(multiplier=0.5, max=30)
+
+        def wait(state) -> float:
+            exc = state.outcome.exception()
+            if isinstance(exc, _Transient) and exc.retry_after is not None:
+                return min(exc.retry_after, RETRY_AFTER_CAP_S)  # the server said when
+            return jitter(state)
+
+        attempt_no = 0
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.api.max_retries + 1),
+                wait=wait,
+                retry=retry_if_exception_type(_Transient),
+                reraise=True,
+            ):
+                with attempt:
+                    attempt_no = attempt.retry_state.attempt_number
+                    return await self._request(client, messages, choices, max_tokens, attempt_no - 1)
+        except _RowFailure as exc:
+            return _failed(self._scrub(str(exc)), attempt_no - 1)
+        except _Transient as exc:
+            return _failed(f"gave up after {attempt_no} attempts: {self._scrub(str(exc))}", attempt_no - 1)
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def _request(self, client, messages, choices, max_tokens, retries) -> Completion:
         import httpx
@@ -228,13 +246,6 @@ def parse_completion(data: dict, constraint: str) -> Completion | None:
 def _failed(reason: str, retries: int) -> Completion:
     return Completion(text="", logprob=None, prompt_tokens=0, output_tokens=0, finish_reason=None,
                       error=reason, retries=retries)  # fmt: skip
-
-
-def _backoff(attempt: int, retry_after: float | None) -> float:
-    if retry_after is not None:
-        return min(retry_after, RETRY_AFTER_CAP_S)
-    # exponential backoff with full jitter: 0.5, 1, 2, 4 ... s, capped at 30 s
-    return random.uniform(0, min(30.0, 0.5 * 2 ** (attempt - 1)))
 
 
 def _retry_after(resp) -> float | None:
