@@ -354,9 +354,10 @@ def chart(report: dict, path: Path) -> None:
             ax.text(r[key] or 0, i, " " + text, va="center", fontsize=8)
         ax.margins(x=0.25)
     left.invert_yaxis()
+    m = report["machine"]
     fig.suptitle(
-        f"labelmill bench: {report['job']} ({report['sample_rows']} sampled rows; "
-        "green = self-hosted, red = API)",
+        f"labelmill bench: {report['job']} ({report['sample_rows']} sampled rows, measured on {m['host']}, "
+        f"GPU: {m['gpu'] or 'none'}; green = self-hosted, red = API)",
         fontsize=11,
     )
     fig.tight_layout()
