@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.backends.base import Completion
-from pipeline.backends.openai import parse_completion, request_body
+from pipeline.backends.openai import parse_completion, request_body, wraps_label
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputFormatError
 from pipeline.io import read_chunk, write_text_atomic
@@ -79,7 +79,7 @@ def export(
         table = read_chunk(plan.files[chunk.file_index], chunk, plan.read_columns)
         pending = prepare_chunk(plan, backend, table, chunk, budget)
         for i, messages in zip(pending.todo, pending.conversations(plan), strict=True):
-            body = request_body(job, plan.model, messages, plan.labels, plan.max_tokens)
+            body = request_body(job, plan.model, messages, plan.task.constraint(), plan.max_tokens)
             request = {"custom_id": f"c{chunk.index}-r{i}", "method": "POST", "url": URL, "body": body}
             line = json.dumps(request, ensure_ascii=False).encode("utf-8") + b"\n"
             if lines and (len(lines) >= max_requests or size + len(line) > max_bytes):
@@ -91,7 +91,7 @@ def export(
     return {"requests": total, "files": files, "rows": plan.rows, "folder": str(out)}
 
 
-def read_results(paths: Iterable[str | Path], constraint: str) -> dict[str, Completion]:
+def read_results(paths: Iterable[str | Path], wrapped_label: bool) -> dict[str, Completion]:
     """Batch output lines -> Completion by custom_id. A failed line becomes an error Completion."""
     answers: dict[str, Completion] = {}
     for path in paths:
@@ -112,11 +112,11 @@ def read_results(paths: Iterable[str | Path], constraint: str) -> dict[str, Comp
                         f"{path}, line {n}: not a batch result line (JSON with custom_id)",
                         hint="pass the output files of the batch, not its input files",
                     ) from None
-                answers[custom_id] = _completion(line, constraint)
+                answers[custom_id] = _completion(line, wrapped_label)
     return answers
 
 
-def _completion(line: dict, constraint: str) -> Completion:
+def _completion(line: dict, wrapped_label: bool) -> Completion:
     response = line.get("response") or {}
     status = response.get("status_code")
     if line.get("error") or status != 200:
@@ -124,7 +124,7 @@ def _completion(line: dict, constraint: str) -> Completion:
         where = f"HTTP {status}" if status is not None else "no response"
         reason = json.dumps(reason)[:300]
         return Completion("", None, 0, 0, None, error=f"batch request failed ({where}): {reason}")
-    completion = parse_completion(response.get("body") or {}, constraint)
+    completion = parse_completion(response.get("body") or {}, wrapped_label)
     if completion is None:
         return Completion("", None, 0, 0, None, error="batch result has no chat completion body")
     return completion
@@ -135,7 +135,7 @@ def import_results(job: JobConfig, result_files: list[str], restart: bool = Fals
     _require_api(job)
     started = time.perf_counter()
     plan = plan_job(job)
-    answers = read_results(result_files, job.api.constraint)
+    answers = read_results(result_files, wraps_label(job.api.constraint, plan.task.constraint()))
     unknown = [c for c in answers if not _CUSTOM_ID.match(c)]
     if unknown:
         raise InputFormatError(f"batch results hold custom_ids labelmill did not write, e.g. {unknown[:3]}")

@@ -85,9 +85,10 @@ def validate(job_file: str, rows: int) -> None:
     _log(f"job {job_file}: ok")
     chunks = f"{len(plan.chunks)} chunk(s) of <= {job.chunk_rows}"
     _log(f"  input   {len(plan.files)} file(s), {plan.rows} rows, {chunks}")
-    _log(
-        f"  labels  {len(plan.labels)}: {', '.join(plan.labels[:8])}{' ...' if len(plan.labels) > 8 else ''}"
-    )
+    what = plan.task.describe()
+    names = what.get("labels") or [a["name"] for a in what.get("attributes", [])]
+    kind = "labels" if "labels" in what else "attrs"
+    _log(f"  {kind:7} {len(names)}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
     _log(f"  prompt  {job.prompt} (fingerprint {plan.prompt.fingerprint})")
     _log(f"  model   {job.model} -> {plan.model} (backend {job.backend})")
     _log(f"  answer  at most {plan.max_tokens} tokens")

@@ -106,6 +106,35 @@ class FakeConfig(_Strict):
     """Sleep this long per row, to make progress and crash tests observable."""
 
 
+class AttributeSpec(_Strict):
+    """One attribute of an ``extract`` job; it becomes one typed output column."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Column name (letters, digits, underscores), also the JSON key the model fills."""
+    type: Literal["enum", "string", "number", "list[enum]"]
+    values: list[str] | None = None
+    """Allowed values, for ``enum`` and ``list[enum]`` (required there, refused elsewhere)."""
+    unit: str | None = None
+    """For ``number``: the unit the model must answer in (e.g. ``count``, ``oz``, ``ml``)."""
+    required: bool = False
+    """If true, an answer without this attribute is ``invalid``; otherwise it may be null."""
+    description: str = ""
+    """Shown to the model next to the name: what the attribute means."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AttributeSpec:
+        has_values = self.type in ("enum", "list[enum]")
+        if has_values and not self.values:
+            raise ValueError(f"attribute '{self.name}' ({self.type}) needs a non-empty 'values' list")
+        if not has_values and self.values is not None:
+            raise ValueError(f"attribute '{self.name}' ({self.type}) takes no 'values'")
+        if self.values is not None and len(set(self.values)) != len(self.values):
+            raise ValueError(f"attribute '{self.name}' lists a value more than once")
+        if self.unit is not None and self.type != "number":
+            raise ValueError(f"attribute '{self.name}': 'unit' applies to numbers only")
+        return self
+
+
 class JobConfig(_Strict):
     """One labelling job: which rows, which labels, which prompt, which model."""
 
@@ -122,8 +151,9 @@ class JobConfig(_Strict):
     empty text; a row whose fields are all null or blank is ``empty_input``."""
     keep_columns: list[str] = Field(default_factory=list)
     """Input columns copied to the output, types unchanged."""
-    task: Literal["classify"] = "classify"
-    """What to do with each row. ``classify``: pick exactly one label."""
+    task: Literal["classify", "extract"] = "classify"
+    """What to do with each row. ``classify``: pick a label from ``labels``; ``extract``: fill the
+    declared ``attributes``."""
     labels: list[str] | None = None
     """The label set. Give this or ``labels_file``."""
     labels_file: str | None = None
@@ -131,6 +161,10 @@ class JobConfig(_Strict):
     ``categories.txt`` (``gid://... : A > B > C``), where each label is the full path."""
     labels_max_depth: int | None = Field(default=None, ge=1)
     """For taxonomy files: keep categories at most this deep (1 = top level only)."""
+    labels_max: int | None = Field(default=None, ge=2)
+    """Multi-label classification: up to this many labels per row (output column ``labels``)."""
+    attributes: list[AttributeSpec] | None = None
+    """For ``task: extract``: the attributes to fill, each an output column."""
     prompt: str
     """Path to a prompt template (YAML) under ``prompts/``."""
     prompt_vars: dict[str, str] = Field(default_factory=dict)
@@ -173,8 +207,20 @@ class JobConfig(_Strict):
     def _one_of_each(self) -> JobConfig:
         if (self.text_column is None) == (self.text_template is None):
             raise ValueError("give exactly one of 'text_column' or 'text_template'")
-        if (self.labels is None) == (self.labels_file is None):
-            raise ValueError("give exactly one of 'labels' or 'labels_file'")
+        if self.task == "classify":
+            if (self.labels is None) == (self.labels_file is None):
+                raise ValueError("give exactly one of 'labels' or 'labels_file'")
+            if self.attributes is not None:
+                raise ValueError("'attributes' belong to task: extract")
+        else:
+            if not self.attributes:
+                raise ValueError("task: extract needs a non-empty 'attributes' list")
+            if self.labels is not None or self.labels_file is not None or self.labels_max is not None:
+                raise ValueError("task: extract takes 'attributes', not labels")
+            names = [a.name for a in self.attributes]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"attributes {dupes} are declared more than once")
         if self.backend == "openai" and self.api is None:
             raise ValueError("backend 'openai' needs an 'api:' section with at least base_url")
         if self.labels_max_depth is not None and self.labels_file is None:

@@ -4,9 +4,10 @@ A template has a ``system`` message and a ``user`` message, written with ``{name
 (``{{`` and ``}}`` for literal braces). ``{text}`` (the row) must appear exactly once, in ``user``;
 everything before it is the same for every row, so vLLM's prefix cache computes it once per batch.
 
-Variables: ``labels`` (one ``- label`` per line), ``labels_inline`` (comma separated), ``text``,
-and the job's ``prompt_vars``. A placeholder with no value, or a ``prompt_vars`` key the template
-never uses, is an error naming it.
+Variables: ``text``, the task's own (classify: ``labels`` one ``- label`` per line,
+``labels_inline`` comma separated, ``labels_max``; extract: ``attributes`` one line per attribute
+with its type and allowed values, ``attribute_names``), and the job's ``prompt_vars``. A placeholder
+with no value, or a ``prompt_vars`` key the template never uses, is an error naming it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import PromptError
 
-BUILTIN_VARS = ("labels", "labels_inline", "text")
-
 
 class PromptTemplate(BaseModel):
     """The file format of ``prompts/*.yaml``."""
@@ -33,7 +32,7 @@ class PromptTemplate(BaseModel):
     description: str = ""
     language: str = "en"
     """ISO 639-1 code of the prompt's language (en, pl, ...)."""
-    task: Literal["classify"] = "classify"
+    task: Literal["classify", "extract"] = "classify"
     system: str
     """Instructions and the label list: the shared prefix."""
     user: str
@@ -85,15 +84,18 @@ def load_template(path: str | Path) -> PromptTemplate:
         raise PromptError(f"prompt template {path}: {problems}") from None
 
 
-def render(path: str | Path, labels: list[str], prompt_vars: dict[str, str]) -> RenderedPrompt:
+def render(
+    path: str | Path, builtins: dict[str, str], prompt_vars: dict[str, str], task: str = "classify"
+) -> RenderedPrompt:
     """Fill a template's shared part; the row text goes in later through ``messages``."""
     template = load_template(path)
-    values = {
-        "labels": "\n".join(f"- {label}" for label in labels),
-        "labels_inline": ", ".join(labels),
-        **prompt_vars,
-    }
-    clash = sorted(set(prompt_vars) & set(BUILTIN_VARS))
+    if template.task != task:
+        raise PromptError(
+            f"{path} is a template for task '{template.task}', but the job's task is '{task}'",
+            hint="pick a template from prompts/ written for this task",
+        )
+    values = {**builtins, **prompt_vars}
+    clash = sorted(set(prompt_vars) & (set(builtins) | {"text"}))
     if clash:
         raise PromptError(f"prompt_vars may not redefine built-in variables: {clash}")
     system_fields = _fields(template.system, path, "system")

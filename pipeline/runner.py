@@ -36,11 +36,11 @@ from pipeline.io import (
     plan_chunks,
     read_chunk,
 )
-from pipeline.labels import load_labels
 from pipeline.models import model_fingerprint, resolve_model
 from pipeline.prompts import RenderedPrompt, render
 from pipeline.state import RunFolder
-from pipeline.tasks import classify
+from pipeline.tasks import make_task
+from pipeline.tasks.base import COMMON_FIELDS, EMPTY, ERROR, STATUSES, RowResult, Task
 from pipeline.text import row_texts, text_columns
 
 # Tokens kept free between the prompt and the context limit: a cut text can re-tokenise a little
@@ -52,7 +52,7 @@ GENERATED_ID = "row_id"
 @dataclass
 class Plan:
     job: JobConfig
-    labels: list[str]
+    task: Task
     prompt: RenderedPrompt
     model: str
     files: list[InputFile]
@@ -68,14 +68,14 @@ class Plan:
 
     @property
     def max_tokens(self) -> int:
-        return self.job.sampling.max_tokens or classify.answer_budget(self.labels)
+        return self.task.max_tokens()
 
 
 def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
     """Everything that can be checked without a model; raises a LabelmillError on the first problem."""
     files = describe(find_inputs(job.input))
-    labels = load_labels(job.labels, job.labels_file, job.labels_max_depth)
-    prompt = render(job.prompt, labels, job.prompt_vars)
+    task = make_task(job)
+    prompt = render(job.prompt, task.prompt_values(), job.prompt_vars, job.task)
     model = resolve_model(job.model) if backend_class(job.backend).loads_weights else job.model
     text_cols = text_columns(job.text_column, job.text_template)
     id_cols = [job.id_column] if job.id_column else []
@@ -88,7 +88,8 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
                 hint="point text_column / text_template at a string column",
             )
     id_column = job.id_column or GENERATED_ID
-    clash = {f.name for f in classify.OUTPUT_FIELDS} | ({GENERATED_ID} if not job.id_column else set())
+    output_fields = task.fields + COMMON_FIELDS
+    clash = {f.name for f in output_fields} | ({GENERATED_ID} if not job.id_column else set())
     bad = sorted(clash & set(job.keep_columns + id_cols))
     if bad:
         raise ConfigError(
@@ -99,13 +100,13 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
         check_ids(files, job.id_column)
     out_fields = [pa.field(id_column, types[job.id_column] if job.id_column else pa.string())]
     out_fields += [pa.field(c, types[c]) for c in job.keep_columns if c != job.id_column]
-    schema = pa.schema(out_fields + classify.OUTPUT_FIELDS)
+    schema = pa.schema(out_fields + output_fields)
     chunks = plan_chunks(files, job.chunk_rows)
     weights = model_fingerprint(model)
     components = {
         "input": _digest([f.identity for f in files]),
         "rows": _digest([text_cols, job.text_template, job.id_column, job.keep_columns]),
-        "labels": _digest(labels),
+        ("labels" if job.task == "classify" else "attributes"): _digest(task.describe()),
         "prompt": prompt.fingerprint,
         "model": _digest([job.backend, job.model, weights]),
         "sampling": _digest(job.sampling.model_dump()),
@@ -118,6 +119,7 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
         "fingerprint": _digest(components),
         "components": components,
         "task": job.task,
+        **({"attributes": task.describe()["attributes"]} if job.task == "extract" else {}),
         "provenance": {
             "backend": job.backend,
             "model": job.model,
@@ -125,7 +127,7 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
             "model_fingerprint": weights,
             "prompt_file": job.prompt,
             "prompt_fingerprint": prompt.fingerprint,
-            "labels": labels,
+            **task.describe(),
             "sampling": job.sampling.model_dump(),
             "engine": job.engine.model_dump(),
         },
@@ -135,7 +137,7 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
         "chunk_rows": job.chunk_rows,
         "id_column": id_column,
     }
-    return Plan(job, labels, prompt, model, files, chunks, id_column, read_columns, schema, manifest)
+    return Plan(job, task, prompt, model, files, chunks, id_column, read_columns, schema, manifest)
 
 
 def make_backend(plan: Plan) -> Backend:
@@ -168,7 +170,7 @@ class PendingChunk:
     chunk: Chunk
     table: pa.Table
     texts: list[str | None]
-    results: list[classify.RowResult | None]
+    results: list[RowResult | None]
     todo: list[int]
     truncated: set[int]
 
@@ -177,9 +179,8 @@ class PendingChunk:
 
     def finish(self, plan: Plan, completions) -> pa.Table:
         """Fill the ``todo`` rows from answers (in ``todo`` order); the chunk's output table."""
-        label_set = set(plan.labels)
         for i, completion in zip(self.todo, completions, strict=True):
-            self.results[i] = classify.parse(completion, label_set, i in self.truncated, plan.max_tokens)
+            self.results[i] = plan.task.parse(completion, i in self.truncated)
         return _output_table(plan, self.table, self.chunk, self.results)
 
 
@@ -197,13 +198,12 @@ def prepare_chunk(
     texts = row_texts(table, job.text_column, job.text_template)
     if previous is None:
         results = [
-            classify.RowResult(status=classify.EMPTY, error="text is null or blank") if t is None else None
-            for t in texts
+            RowResult(status=EMPTY, error="text is null or blank") if t is None else None for t in texts
         ]
     else:
-        names = [f.name for f in classify.OUTPUT_FIELDS]
-        results = [classify.RowResult(**row) for row in previous.select(names).to_pylist()]
-        results = [None if r.status == classify.ERROR else r for r in results]
+        names = [f.name for f in plan.task.fields + COMMON_FIELDS]
+        results = [plan.task.result_from_row(row) for row in previous.select(names).to_pylist()]
+        results = [None if r.status == ERROR else r for r in results]
     todo = [i for i, r in enumerate(results) if r is None]
     truncated = set()
     if budget is not None and todo:
@@ -225,11 +225,11 @@ def label_chunk(
     """Label one chunk of input rows: the output table (same rows, same order) and the retries spent."""
     pending = prepare_chunk(plan, backend, table, chunk, budget, previous)
     # One backend call per chunk, rows in input order: a redone chunk is sent exactly as before.
-    completions = backend.complete(pending.conversations(plan), plan.labels, plan.max_tokens)
+    completions = backend.complete(pending.conversations(plan), plan.task.constraint(), plan.max_tokens)
     return pending.finish(plan, completions), sum(c.retries for c in completions)
 
 
-def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: list[classify.RowResult]) -> pa.Table:
+def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: list[RowResult]) -> pa.Table:
     job = plan.job
     if job.id_column:
         ids = table.column(job.id_column)
@@ -237,7 +237,9 @@ def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: list[class
         name = _relative_name(plan.files[chunk.file_index].path, plan.files)
         ids = pa.array([f"{name}:{chunk.start + i}" for i in range(table.num_rows)], pa.string())
     columns = [ids] + [table.column(c) for c in job.keep_columns if c != job.id_column]
-    for f in classify.OUTPUT_FIELDS:
+    for f in plan.task.fields:
+        columns.append(pa.array([r.values.get(f.name) for r in results], f.type))
+    for f in COMMON_FIELDS:
         columns.append(pa.array([getattr(r, f.name) for r in results], f.type))
     metadata = {
         b"labelmill": json.dumps(
@@ -361,7 +363,7 @@ def chunk_marker(
         "start": chunk.start,
         "rows": chunk.rows,
         "part": f"parts/part-{chunk.index:05d}.parquet",
-        "status_counts": {s: statuses.count(s) for s in classify.STATUSES},
+        "status_counts": {s: statuses.count(s) for s in STATUSES},
         "prompt_tokens": _total(out, "prompt_tokens"),
         "cached_tokens": _total(out, "cached_tokens"),
         "output_tokens": _total(out, "output_tokens"),
@@ -377,7 +379,7 @@ def _total(out: pa.Table, column: str) -> int:
 
 
 def _count(markers) -> dict[str, int]:
-    totals = {s: 0 for s in classify.STATUSES}
+    totals = {s: 0 for s in STATUSES}
     for m in markers:
         for k, v in m["status_counts"].items():
             totals[k] = totals.get(k, 0) + v

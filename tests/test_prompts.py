@@ -9,7 +9,14 @@ import yaml
 from conftest import LABELS, PROMPT_EN, PROMPTS_DIR
 
 from pipeline.errors import ConfigError, PromptError
-from pipeline.prompts import load_template, render
+from pipeline.prompts import load_template
+from pipeline.prompts import render as render_template
+from pipeline.tasks.classify import ClassifyTask
+
+
+def render(path, labels, prompt_vars):
+    """Render a classification template for ``labels``."""
+    return render_template(path, ClassifyTask(list(labels)).prompt_values(), prompt_vars)
 
 
 def template(tmp_path: Path, system: str, user: str, name: str = "t.yaml", **extra: str) -> Path:

@@ -27,7 +27,7 @@ from pipeline.errors import (
 )
 from pipeline.runner import plan_job, run
 from pipeline.state import RunFolder
-from pipeline.tasks import classify
+from pipeline.tasks import STATUSES
 from pipeline.text import row_texts
 
 OUTPUT_TYPES = {
@@ -49,7 +49,7 @@ def fake_label(job: JobConfig, text: str) -> str:
     """The label the fake backend gives a row whose cleaned text is ``text``."""
     plan = plan_job(job, check_id_values=False)
     (completion,) = FakeBackend(job, plan.model).complete(
-        [plan.prompt.messages(text)], plan.labels, plan.max_tokens
+        [plan.prompt.messages(text)], plan.task.constraint(), plan.max_tokens
     )
     return completion.text
 
@@ -651,7 +651,7 @@ def test_markers_count_statuses_and_tokens(make_job, read_parts) -> None:
 
 def test_statuses_constant_matches_summary_keys(make_job) -> None:
     summary = quiet_run(make_job(default_table(3)).load())
-    assert list(summary["status_counts"]) == list(classify.STATUSES)
+    assert list(summary["status_counts"]) == list(STATUSES)
 
 
 def test_rows_the_backend_failed_on_are_retried_on_rerun(make_job, read_parts, monkeypatch) -> None:

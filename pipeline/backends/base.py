@@ -29,6 +29,18 @@ class Completion:
     retries: int = 0
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer must be: one of ``choice``, or a JSON document matching ``json_schema``."""
+
+    choice: tuple[str, ...] | None = None
+    json_schema: dict | None = None
+
+    def __post_init__(self) -> None:
+        if (self.choice is None) == (self.json_schema is None):
+            raise ValueError("a Constraint is either a choice or a JSON schema")
+
+
 class Backend(ABC):
     """A model behind a narrow interface.
 
@@ -75,9 +87,9 @@ class Backend(ABC):
 
     @abstractmethod
     def complete(
-        self, conversations: list[Messages], choices: list[str], max_tokens: int
+        self, conversations: list[Messages], constraint: Constraint, max_tokens: int
     ) -> list[Completion]:
-        """Answer every conversation with one of ``choices``; results in input order."""
+        """Answer every conversation within ``constraint``; results in input order."""
 
     def version(self) -> str:
         return self.name

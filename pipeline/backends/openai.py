@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import replace
 
-from pipeline.backends.base import Backend, ByteTokens, Completion, Messages
+from pipeline.backends.base import Backend, ByteTokens, Completion, Constraint, Messages
 from pipeline.errors import BackendError, BackendUnavailableError
 
 FATAL_STATUS = {401: "authentication failed", 403: "access denied", 404: "not found"}
@@ -89,13 +89,13 @@ class OpenAIBackend(ByteTokens, Backend):
         return self.job.engine.max_model_len
 
     def complete(
-        self, conversations: list[Messages], choices: list[str], max_tokens: int
+        self, conversations: list[Messages], constraint: Constraint, max_tokens: int
     ) -> list[Completion]:
         if not conversations:
             return []
-        return asyncio.run(self._complete_all(conversations, choices, max_tokens))
+        return asyncio.run(self._complete_all(conversations, constraint, max_tokens))
 
-    async def _complete_all(self, conversations, choices, max_tokens) -> list[Completion]:
+    async def _complete_all(self, conversations, constraint, max_tokens) -> list[Completion]:
         import httpx
 
         api = self.api
@@ -116,11 +116,11 @@ class OpenAIBackend(ByteTokens, Backend):
                         await rpm.acquire()
                     if tpm:
                         await tpm.acquire(self.prompt_tokens(messages) + max_tokens)
-                    return await self._with_retries(client, messages, choices, max_tokens)
+                    return await self._with_retries(client, messages, constraint, max_tokens)
 
             return list(await asyncio.gather(*(one(m) for m in conversations)))
 
-    async def _with_retries(self, client, messages, choices, max_tokens) -> Completion:
+    async def _with_retries(self, client, messages, constraint, max_tokens) -> Completion:
         from tenacity import (
             AsyncRetrying,
             retry_if_exception_type,
@@ -146,17 +146,17 @@ class OpenAIBackend(ByteTokens, Backend):
             ):
                 with attempt:
                     attempt_no = attempt.retry_state.attempt_number
-                    return await self._request(client, messages, choices, max_tokens, attempt_no - 1)
+                    return await self._request(client, messages, constraint, max_tokens, attempt_no - 1)
         except _RowFailure as exc:
             return _failed(self._scrub(str(exc)), attempt_no - 1)
         except _Transient as exc:
             return _failed(f"gave up after {attempt_no} attempts: {self._scrub(str(exc))}", attempt_no - 1)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
-    async def _request(self, client, messages, choices, max_tokens, retries) -> Completion:
+    async def _request(self, client, messages, constraint, max_tokens, retries) -> Completion:
         import httpx
 
-        body = self._body(messages, choices, max_tokens)
+        body = request_body(self.job, self.model, messages, constraint, max_tokens)
         try:
             resp = await client.post("/chat/completions", json=body)
         except httpx.TimeoutException:
@@ -177,19 +177,16 @@ class OpenAIBackend(ByteTokens, Backend):
             data = resp.json()
         except ValueError:
             raise _Transient(f"malformed response body: {resp.text[:200]!r}") from None
-        completion = parse_completion(data, self.api.constraint)
+        completion = parse_completion(data, wraps_label(self.api.constraint, constraint))
         if completion is None:
             raise _Transient(f"malformed response body: {resp.text[:200]!r}")
         return replace(completion, retries=retries)
-
-    def _body(self, messages, choices, max_tokens) -> dict:
-        return request_body(self.job, self.model, messages, choices, max_tokens)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
 
-def request_body(job, model: str, messages: Messages, choices: list[str], max_tokens: int) -> dict:
+def request_body(job, model: str, messages: Messages, constraint: Constraint, max_tokens: int) -> dict:
     """The chat completions request for one row (also what ``labelmill export`` writes)."""
     api, s = job.api, job.sampling
     body = {
@@ -203,29 +200,39 @@ def request_body(job, model: str, messages: Messages, choices: list[str], max_to
         body["seed"] = s.seed
     if api.logprobs and api.constraint != "json_schema":
         body["logprobs"] = True
-    if api.constraint == "choice":
-        body["structured_outputs"] = {"choice": list(choices)}
-    elif api.constraint == "json_schema":
-        body["max_tokens"] = max_tokens + 16  # room for {"label": ""}
+    if api.constraint == "choice":  # vLLM's structured outputs
+        if constraint.choice is not None:
+            body["structured_outputs"] = {"choice": list(constraint.choice)}
+        else:
+            body["structured_outputs"] = {"json": constraint.json_schema}
+    elif api.constraint == "json_schema":  # OpenAI's response_format
+        schema = constraint.json_schema
+        if constraint.choice is not None:  # a bare choice becomes {"label": <one of them>}
+            body["max_tokens"] = max_tokens + 16
+            schema = {
+                "type": "object",
+                "properties": {"label": {"type": "string", "enum": list(constraint.choice)}},
+                "required": ["label"],
+                "additionalProperties": False,
+            }
         body["response_format"] = {
             "type": "json_schema",
-            "json_schema": {
-                "name": "label",
-                "strict": True,
-                "schema": {
-                    "type": "object",
-                    "properties": {"label": {"type": "string", "enum": list(choices)}},
-                    "required": ["label"],
-                    "additionalProperties": False,
-                },
-            },
+            "json_schema": {"name": "answer", "strict": True, "schema": schema},
         }
     body.update(api.extra_body)
     return body
 
 
-def parse_completion(data: dict, constraint: str) -> Completion | None:
-    """A chat completion response body -> Completion; None if it is not one."""
+def wraps_label(mode: str, constraint: Constraint) -> bool:
+    return mode == "json_schema" and constraint.choice is not None
+
+
+def parse_completion(data: dict, wrapped_label: bool = False) -> Completion | None:
+    """A chat completion response body -> Completion; None if it is not one.
+
+    ``wrapped_label``: the answer is ``{"label": ...}`` (a choice asked through OpenAI's
+    response_format); the label is unwrapped, and logprobs (which cover the JSON) are not used.
+    """
     try:
         choice = data["choices"][0]
         text = choice["message"]["content"] or ""
@@ -234,8 +241,8 @@ def parse_completion(data: dict, constraint: str) -> Completion | None:
     except (KeyError, IndexError, TypeError, AttributeError):
         return None
     return Completion(
-        text=_label_from_json(text) if constraint == "json_schema" else text,
-        logprob=_sum_logprobs(choice) if constraint != "json_schema" else None,
+        text=_label_from_json(text) if wrapped_label else text,
+        logprob=None if wrapped_label else _sum_logprobs(choice),
         prompt_tokens=usage.get("prompt_tokens", 0),
         output_tokens=usage.get("completion_tokens", 0),
         finish_reason=choice.get("finish_reason"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 
-from pipeline.backends.base import Backend, Completion, Messages
+from pipeline.backends.base import Backend, Completion, Constraint, Messages
 from pipeline.errors import BackendError, BackendUnavailableError, ModelNotFoundError
 
 INSTALL_HINT = (
@@ -125,7 +125,7 @@ class VllmBackend(Backend):
         return ids["input_ids"] if hasattr(ids, "keys") else ids
 
     def complete(
-        self, conversations: list[Messages], choices: list[str], max_tokens: int
+        self, conversations: list[Messages], constraint: Constraint, max_tokens: int
     ) -> list[Completion]:
         if not conversations:
             return []
@@ -140,7 +140,11 @@ class VllmBackend(Backend):
             seed=s.seed,
             max_tokens=max_tokens,
             logprobs=0,  # the chosen token's logprob only
-            structured_outputs=StructuredOutputsParams(choice=list(choices)),
+            structured_outputs=(
+                StructuredOutputsParams(choice=list(constraint.choice))
+                if constraint.choice is not None
+                else StructuredOutputsParams(json=constraint.json_schema)
+            ),
         )
         try:
             outputs = self._llm.chat(conversations, params, use_tqdm=False)

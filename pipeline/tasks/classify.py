@@ -1,78 +1,125 @@
-"""Task ``classify``: exactly one label per row.
+"""Task ``classify``: one label per row, or up to ``labels_max`` labels (multi-label).
 
-The backend is asked for one of the labels (the answer is constrained by the engine); the answer is
+Single label: the backend is asked for one of the labels (a ``choice`` constraint); the answer is
 checked against the set again here, because a constraint cut short by ``max_tokens`` yields a
 prefix of a label, not a label. Confidence is ``exp(logprob)`` of the constrained answer.
+
+Multi-label: the answer is JSON ``{"labels": [...]}`` constrained by a schema (each item one of the
+labels, 1 to ``labels_max`` items). ``label`` holds the first, ``labels`` all of them (repeats
+dropped, order kept); confidence is null, as a probability of a set would need every subset scored.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.backends.base import Completion
-
-# Row statuses, in the order the summary prints them. ``invalid``: the model answered, but not with
-# a label (the answer is kept in ``error``; rerunning won't change it). ``error``: no answer came
-# (the backend failed for this row after its retries); rerunning the job retries these rows.
-OK, EMPTY, TRUNCATED, INVALID, ERROR = "ok", "empty_input", "truncated", "invalid", "error"
-STATUSES = (OK, TRUNCATED, EMPTY, INVALID, ERROR)
-
-OUTPUT_FIELDS = [
-    pa.field("label", pa.string()),
-    pa.field("confidence", pa.float64()),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("error", pa.string()),
-    pa.field("prompt_tokens", pa.int32()),
-    pa.field("output_tokens", pa.int32()),
-    pa.field("cached_tokens", pa.int32()),
-]
+from pipeline.backends.base import Completion, Constraint
+from pipeline.tasks.base import INVALID, TRUNCATED, TRUNCATED_NOTE, RowResult, Task
 
 
-@dataclass
-class RowResult:
-    label: str | None = None
-    confidence: float | None = None
-    status: str = OK
-    error: str | None = None
-    prompt_tokens: int | None = None
-    output_tokens: int | None = None
-    cached_tokens: int | None = None
+class ClassifyTask(Task):
+    name = "classify"
 
+    def __init__(self, labels: list[str], labels_max: int | None = None, max_tokens: int | None = None):
+        self.labels = labels
+        self.labels_max = labels_max if labels_max and labels_max > 1 else None
+        self._max_tokens = max_tokens
+        self._label_set = set(labels)
 
-def answer_budget(labels: list[str]) -> int:
-    """Most answer tokens any spelling of any label can take.
+    @property
+    def fields(self) -> list[pa.Field]:
+        fields = [pa.field("label", pa.string()), pa.field("confidence", pa.float64())]
+        if self.labels_max:
+            fields.append(pa.field("labels", pa.list_(pa.string())))
+        return fields
 
-    The constraint lets the model spell a label with any tokenisation, down to one byte per
-    token, so the bound is the longest label in UTF-8 bytes, plus the end-of-answer token.
-    Greedy decoding stops at the end of the label, so a generous cap costs nothing.
-    """
-    return max(len(label.encode("utf-8")) for label in labels) + 1
+    def prompt_values(self) -> dict[str, str]:
+        return {
+            "labels": "\n".join(f"- {label}" for label in self.labels),
+            "labels_inline": ", ".join(self.labels),
+            "labels_max": str(self.labels_max or 1),
+        }
 
+    def constraint(self) -> Constraint:
+        if not self.labels_max:
+            return Constraint(choice=tuple(self.labels))
+        return Constraint(
+            json_schema={
+                "type": "object",
+                "properties": {
+                    "labels": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": self.labels},
+                        "minItems": 1,
+                        "maxItems": self.labels_max,
+                    }
+                },
+                "required": ["labels"],
+                "additionalProperties": False,
+            }
+        )
 
-def parse(completion: Completion, labels: set[str], truncated: bool, max_tokens: int) -> RowResult:
-    """Turn a backend answer into the row's label, confidence and status."""
-    if completion.error is not None:
-        return RowResult(status=ERROR, error=completion.error)
-    result = RowResult(
-        prompt_tokens=completion.prompt_tokens,
-        output_tokens=completion.output_tokens,
-        cached_tokens=completion.cached_tokens,
-    )
-    answer = completion.text.strip()
-    if answer not in labels:
-        result.status = INVALID
-        if completion.finish_reason == "length":
-            result.error = f"answer cut at max_tokens={max_tokens} before a label was complete: {answer!r}"
-        else:
-            result.error = f"answer is not one of the labels: {answer[:200]!r}"
+    def max_tokens(self) -> int:
+        """Most answer tokens any spelling of any valid answer can take.
+
+        The constraint lets the model spell a label with any tokenisation, down to one byte per
+        token, so the bound is the longest label in UTF-8 bytes, plus the end-of-answer token
+        (for multi-label: ``labels_max`` of the longest, with JSON punctuation). Greedy decoding
+        stops at the end of the answer, so a generous cap costs nothing.
+        """
+        if self._max_tokens:
+            return self._max_tokens
+        longest = max(len(label.encode("utf-8")) for label in self.labels)
+        if not self.labels_max:
+            return longest + 1
+        return 16 + self.labels_max * (longest + 4)
+
+    def describe(self) -> dict:
+        return {"labels": self.labels, "labels_max": self.labels_max}
+
+    def parse(self, completion: Completion, truncated: bool) -> RowResult:
+        if completion.error is not None:
+            return RowResult.failed(completion)
+        result = RowResult.answered(completion)
+        picked = self._parse_multi(completion) if self.labels_max else self._parse_one(completion, result)
+        if picked is None:
+            result.status = INVALID
+            answer = completion.text.strip()
+            if completion.finish_reason == "length":
+                result.error = (
+                    f"answer cut at max_tokens={self.max_tokens()} before it was complete: {answer!r}"
+                )
+            else:
+                result.error = f"answer is not one of the labels: {answer[:200]!r}"
+            result.values = {}
+            return result
+        result.values["label"] = picked[0]
+        if self.labels_max:
+            result.values["labels"] = picked
+        if truncated:
+            result.status = TRUNCATED
+            result.error = TRUNCATED_NOTE
         return result
-    result.label = answer
-    if completion.logprob is not None and not math.isnan(completion.logprob):
-        result.confidence = min(1.0, max(0.0, math.exp(completion.logprob)))
-    if truncated:
-        result.status = TRUNCATED
-        result.error = "input text was cut to fit the token budget; label is for the cut text"
-    return result
+
+    def _parse_one(self, completion: Completion, result: RowResult) -> list[str] | None:
+        answer = completion.text.strip()
+        if answer not in self._label_set:
+            return None
+        if completion.logprob is not None and not math.isnan(completion.logprob):
+            result.values["confidence"] = min(1.0, max(0.0, math.exp(completion.logprob)))
+        return [answer]
+
+    def _parse_multi(self, completion: Completion) -> list[str] | None:
+        try:
+            value = json.loads(completion.text)
+        except ValueError:
+            return None
+        items = value.get("labels") if isinstance(value, dict) else None
+        if not isinstance(items, list) or not items or len(items) > self.labels_max:
+            return None
+        if not all(isinstance(x, str) and x in self._label_set for x in items):
+            return None
+        return list(dict.fromkeys(items))

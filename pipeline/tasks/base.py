@@ -1,0 +1,85 @@
+"""What a task is to the runner: its output columns, its prompt variables, the constraint on the
+answer, and how an answer becomes a row. The runner knows nothing else about tasks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from pipeline.backends.base import Completion, Constraint
+
+# Row statuses, in the order the summary prints them. ``invalid``: the model answered, but the answer
+# does not fit the task (the raw answer is kept; rerunning won't change it). ``error``: no answer
+# came (the backend failed for this row after its retries); rerunning the job retries these rows.
+OK, EMPTY, TRUNCATED, INVALID, ERROR = "ok", "empty_input", "truncated", "invalid", "error"
+STATUSES = (OK, TRUNCATED, EMPTY, INVALID, ERROR)
+
+COMMON_FIELDS = [
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("output_tokens", pa.int32()),
+    pa.field("cached_tokens", pa.int32()),
+]
+TRUNCATED_NOTE = "input text was cut to fit the token budget; the answer is for the cut text"
+
+
+@dataclass
+class RowResult:
+    values: dict[str, Any] = field(default_factory=dict)
+    """The task's own columns (label, confidence, attributes, ...); missing ones are null."""
+    status: str = OK
+    error: str | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_tokens: int | None = None
+
+    @classmethod
+    def failed(cls, completion: Completion) -> RowResult:
+        return cls(status=ERROR, error=completion.error)
+
+    @classmethod
+    def answered(cls, completion: Completion) -> RowResult:
+        return cls(
+            prompt_tokens=completion.prompt_tokens,
+            output_tokens=completion.output_tokens,
+            cached_tokens=completion.cached_tokens,
+        )
+
+
+class Task(ABC):
+    name: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def fields(self) -> list[pa.Field]:
+        """The task's output columns, placed after the id and kept columns."""
+
+    @abstractmethod
+    def prompt_values(self) -> dict[str, str]:
+        """Built-in template variables (besides ``text``)."""
+
+    @abstractmethod
+    def constraint(self) -> Constraint: ...
+
+    @abstractmethod
+    def max_tokens(self) -> int:
+        """Answer budget that no valid answer can exceed."""
+
+    @abstractmethod
+    def parse(self, completion: Completion, truncated: bool) -> RowResult: ...
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """What defines the task's answers (labels, attributes): part of the job fingerprint and
+        of the run's provenance."""
+
+    def result_from_row(self, row: dict) -> RowResult:
+        """Rebuild a result from an earlier output row (for retrying a chunk's failed rows)."""
+        return RowResult(
+            values={f.name: row[f.name] for f in self.fields},
+            **{f.name: row[f.name] for f in COMMON_FIELDS},
+        )

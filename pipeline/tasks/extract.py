@@ -1,0 +1,169 @@
+"""Task ``extract``: fill a declared set of attributes from each row's text, in one model call.
+
+The answer is one JSON object with every declared attribute as a key, constrained by a JSON schema
+built from the declaration (vLLM structured outputs), so it parses and every enum value is allowed.
+It is validated again here all the same: a row whose answer does not fit the declaration gets status
+``invalid`` with the reason, never a guess. The raw answer is kept in ``raw_answer`` for audit.
+
+Attribute types and their output columns:
+
+    enum        one of ``values``             string
+    string      free text (<= 200 chars)      string (blank -> null)
+    number      a number, in ``unit``         float64 (the unit is in the column's metadata)
+    list[enum]  any of ``values``             list<string> (empty -> null)
+
+An attribute that is not ``required`` may be null (absent from the text).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from pipeline.backends.base import Completion, Constraint
+from pipeline.config import AttributeSpec
+from pipeline.tasks.base import INVALID, TRUNCATED, TRUNCATED_NOTE, RowResult, Task
+
+STRING_MAX_CHARS = 200
+
+
+class ExtractTask(Task):
+    name = "extract"
+
+    def __init__(self, attributes: list[AttributeSpec], max_tokens: int | None = None):
+        self.attributes = attributes
+        self._max_tokens = max_tokens
+
+    @property
+    def fields(self) -> list[pa.Field]:
+        fields = []
+        for a in self.attributes:
+            if a.type == "number":
+                meta = {b"unit": a.unit.encode()} if a.unit else None
+                fields.append(pa.field(a.name, pa.float64(), metadata=meta))
+            elif a.type == "list[enum]":
+                fields.append(pa.field(a.name, pa.list_(pa.string())))
+            else:
+                fields.append(pa.field(a.name, pa.string()))
+        fields.append(pa.field("raw_answer", pa.string()))
+        return fields
+
+    def prompt_values(self) -> dict[str, str]:
+        return {
+            "attributes": "\n".join(_describe(a) for a in self.attributes),
+            "attribute_names": ", ".join(a.name for a in self.attributes),
+        }
+
+    def constraint(self) -> Constraint:
+        return Constraint(json_schema=self.schema())
+
+    def schema(self) -> dict:
+        properties = {}
+        for a in self.attributes:
+            if a.type == "enum":
+                prop: dict = {"type": "string", "enum": list(a.values)}
+            elif a.type == "string":
+                prop = {"type": "string", "maxLength": STRING_MAX_CHARS}
+            elif a.type == "number":
+                prop = {"type": "number"}
+            else:
+                prop = {"type": "array", "items": {"type": "string", "enum": list(a.values)}}
+                if a.required:
+                    prop["minItems"] = 1
+            if not a.required and a.type != "list[enum]":
+                prop = {"anyOf": [prop, {"type": "null"}]}
+            properties[a.name] = prop
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": [a.name for a in self.attributes],
+            "additionalProperties": False,
+        }
+
+    def max_tokens(self) -> int:
+        """A bound on any valid answer, counting one token per byte (the constraint allows any
+        tokenisation): keys, values and JSON punctuation."""
+        if self._max_tokens:
+            return self._max_tokens
+        total = 8
+        for a in self.attributes:
+            longest = max((len(v.encode("utf-8")) for v in a.values or ()), default=0)
+            value = {
+                "enum": longest + 2,
+                "string": STRING_MAX_CHARS * 4 + 2,  # a character is at most 4 UTF-8 bytes
+                "number": 32,
+                "list[enum]": len(a.values or ()) * (longest + 4) + 2,
+            }[a.type]
+            total += len(a.name) + 6 + value
+        return total
+
+    def describe(self) -> dict:
+        return {"attributes": [a.model_dump() for a in self.attributes]}
+
+    def parse(self, completion: Completion, truncated: bool) -> RowResult:
+        if completion.error is not None:
+            return RowResult.failed(completion)
+        result = RowResult.answered(completion)
+        result.values["raw_answer"] = completion.text
+        try:
+            result.values.update(self._validate(completion.text))
+        except ValueError as exc:
+            result.status = INVALID
+            cut = " (cut at max_tokens)" if completion.finish_reason == "length" else ""
+            result.error = f"answer does not fit the attributes{cut}: {exc}"
+            return result
+        if truncated:
+            result.status = TRUNCATED
+            result.error = TRUNCATED_NOTE
+        return result
+
+    def _validate(self, text: str) -> dict:
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            raise ValueError(f"not JSON: {text[:120]!r}") from None
+        if not isinstance(answer, dict):
+            raise ValueError("not a JSON object")
+        unknown = sorted(set(answer) - {a.name for a in self.attributes})
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}")
+        values = {}
+        for a in self.attributes:
+            value = _check(a, answer.get(a.name))
+            if value is None and a.required:
+                raise ValueError(f"'{a.name}' is required but missing")
+            values[a.name] = value
+        return values
+
+
+def _check(a: AttributeSpec, value):
+    if value is None:
+        return None
+    if a.type == "enum":
+        if value not in a.values:
+            raise ValueError(f"'{a.name}': {value!r} is not one of its values")
+        return value
+    if a.type == "string":
+        if not isinstance(value, str):
+            raise ValueError(f"'{a.name}': expected text, got {type(value).__name__}")
+        return value.strip() or None
+    if a.type == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"'{a.name}': expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, list) or any(v not in a.values for v in value):
+        raise ValueError(f"'{a.name}': expected a list of its values, got {value!r}")
+    return list(dict.fromkeys(value)) or None
+
+
+def _describe(a: AttributeSpec) -> str:
+    kind = {
+        "enum": f"one of: {', '.join(a.values or ())}",
+        "string": "text",
+        "number": f"number{f' in {a.unit}' if a.unit else ''}",
+        "list[enum]": f"any of: {', '.join(a.values or ())}",
+    }[a.type]
+    need = "required" if a.required else "null if not stated"
+    about = f": {a.description}" if a.description else ""
+    return f"- {a.name} ({kind}; {need}){about}"
