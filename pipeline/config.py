@@ -109,8 +109,9 @@ class FakeConfig(_Strict):
 class AttributeSpec(_Strict):
     """One attribute of an ``extract`` job; it becomes one typed output column."""
 
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    """Column name (letters, digits, underscores), also the JSON key the model fills."""
+    name: str
+    """Column name and the JSON key the model fills: letters (any script, so ``kolor`` or
+    ``płeć``), digits and underscores, not starting with a digit."""
     type: Literal["enum", "string", "number", "list[enum]"]
     values: list[str] | None = None
     """Allowed values, for ``enum`` and ``list[enum]`` (required there, refused elsewhere)."""
@@ -120,6 +121,13 @@ class AttributeSpec(_Strict):
     """If true, an answer without this attribute is ``invalid``; otherwise it may be null."""
     description: str = ""
     """Shown to the model next to the name: what the attribute means."""
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not value.isidentifier():
+            raise ValueError(f"attribute name {value!r}: use letters, digits and underscores only")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> AttributeSpec:

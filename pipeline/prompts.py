@@ -84,16 +84,15 @@ def load_template(path: str | Path) -> PromptTemplate:
         raise PromptError(f"prompt template {path}: {problems}") from None
 
 
-def render(
-    path: str | Path, builtins: dict[str, str], prompt_vars: dict[str, str], task: str = "classify"
-) -> RenderedPrompt:
-    """Fill a template's shared part; the row text goes in later through ``messages``."""
+def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPrompt:
+    """Fill a template's shared part with the task's variables; the row goes in through ``messages``."""
     template = load_template(path)
-    if template.task != task:
+    if template.task != task.name:
         raise PromptError(
-            f"{path} is a template for task '{template.task}', but the job's task is '{task}'",
+            f"{path} is a template for task '{template.task}', but the job's task is '{task.name}'",
             hint="pick a template from prompts/ written for this task",
         )
+    builtins = task.prompt_values(template.language)
     values = {**builtins, **prompt_vars}
     clash = sorted(set(prompt_vars) & (set(builtins) | {"text"}))
     if clash:

@@ -75,7 +75,7 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
     """Everything that can be checked without a model; raises a LabelmillError on the first problem."""
     files = describe(find_inputs(job.input))
     task = make_task(job)
-    prompt = render(job.prompt, task.prompt_values(), job.prompt_vars, job.task)
+    prompt = render(job.prompt, task, job.prompt_vars)
     model = resolve_model(job.model) if backend_class(job.backend).loads_weights else job.model
     text_cols = text_columns(job.text_column, job.text_template)
     id_cols = [job.id_column] if job.id_column else []

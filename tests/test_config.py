@@ -178,8 +178,8 @@ def test_job_config_is_frozen(tmp_path: Path) -> None:
 
 def test_shipped_job_files_load() -> None:
     root = Path(__file__).resolve().parents[1]
-    jobs = sorted((root / "jobs").glob("*.yaml"))
-    assert jobs
+    jobs = sorted((root / "jobs").glob("**/*.yaml"))
+    assert len(jobs) >= 8
     for path in jobs:
         job = load_job(path)
-        assert job.labels or job.labels_file
+        assert job.labels or job.labels_file or (job.task == "extract" and job.attributes)

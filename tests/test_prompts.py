@@ -8,15 +8,17 @@ import pytest
 import yaml
 from conftest import LABELS, PROMPT_EN, PROMPTS_DIR
 
+from pipeline.config import AttributeSpec
 from pipeline.errors import ConfigError, PromptError
 from pipeline.prompts import load_template
 from pipeline.prompts import render as render_template
 from pipeline.tasks.classify import ClassifyTask
+from pipeline.tasks.extract import ExtractTask
 
 
 def render(path, labels, prompt_vars):
     """Render a classification template for ``labels``."""
-    return render_template(path, ClassifyTask(list(labels)).prompt_values(), prompt_vars)
+    return render_template(path, ClassifyTask(list(labels)), prompt_vars)
 
 
 def template(tmp_path: Path, system: str, user: str, name: str = "t.yaml", **extra: str) -> Path:
@@ -225,12 +227,20 @@ def test_shipped_templates_render(path: Path) -> None:
     tmpl = load_template(path)
     labels = ["informacyjna", "nawigacyjna", "komercyjna", "transakcyjna"]
     needs_shop = "{shop}" in tmpl.system or "{shop}" in tmpl.user
-    prompt = render(path, labels, {"shop": "internetowego"} if needs_shop else {})
+    if tmpl.task == "extract":
+        attrs = [
+            AttributeSpec(name="kolor", type="enum", values=labels),
+            AttributeSpec(name="marka", type="string"),
+        ]
+        task = ExtractTask(attrs)
+    else:
+        task = ClassifyTask(labels, labels_max=3 if "labels_max" in tmpl.system else None)
+    prompt = render_template(path, task, {"shop": "internetowego"} if needs_shop else {})
     assert tmpl.language in {"en", "pl"}
     assert path.name.split(".")[-2] == tmpl.language
     messages = prompt.messages("krem do rąk z mocznikiem")
     assert messages[1]["content"].endswith("krem do rąk z mocznikiem")
     for label in labels:
         assert label in messages[0]["content"]
-    assert "{" not in messages[0]["content"]
+    assert "{text}" not in messages[0]["content"]
     assert "{" not in messages[1]["content"]

@@ -59,8 +59,8 @@ class Task(ABC):
         """The task's output columns, placed after the id and kept columns."""
 
     @abstractmethod
-    def prompt_values(self) -> dict[str, str]:
-        """Built-in template variables (besides ``text``)."""
+    def prompt_values(self, language: str = "en") -> dict[str, str]:
+        """Built-in template variables (besides ``text``), worded for the template's language."""
 
     @abstractmethod
     def constraint(self) -> Constraint: ...

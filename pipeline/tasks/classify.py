@@ -36,7 +36,7 @@ class ClassifyTask(Task):
             fields.append(pa.field("labels", pa.list_(pa.string())))
         return fields
 
-    def prompt_values(self) -> dict[str, str]:
+    def prompt_values(self, language: str = "en") -> dict[str, str]:
         return {
             "labels": "\n".join(f"- {label}" for label in self.labels),
             "labels_inline": ", ".join(self.labels),

@@ -8,7 +8,7 @@ It is validated again here all the same: a row whose answer does not fit the dec
 Attribute types and their output columns:
 
     enum        one of ``values``             string
-    string      free text (<= 200 chars)      string (blank -> null)
+    string      free text (<= 100 chars)      string (blank -> null)
     number      a number, in ``unit``         float64 (the unit is in the column's metadata)
     list[enum]  any of ``values``             list<string> (empty -> null)
 
@@ -25,7 +25,14 @@ from pipeline.backends.base import Completion, Constraint
 from pipeline.config import AttributeSpec
 from pipeline.tasks.base import INVALID, TRUNCATED, TRUNCATED_NOTE, RowResult, Task
 
-STRING_MAX_CHARS = 200
+STRING_MAX_CHARS = 100
+# Words of the attribute list shown to the model, in the prompt template's language.
+_WORDS = {
+    "en": {"enum": "one of", "string": "text", "number": "number", "in": "in", "list": "any of",
+           "required": "required", "optional": "null if not stated"},
+    "pl": {"enum": "jedna z", "string": "tekst", "number": "liczba", "in": "w", "list": "dowolne z",
+           "required": "wymagane", "optional": "null, jeśli nie podano"},
+}  # fmt: skip
 
 
 class ExtractTask(Task):
@@ -49,9 +56,10 @@ class ExtractTask(Task):
         fields.append(pa.field("raw_answer", pa.string()))
         return fields
 
-    def prompt_values(self) -> dict[str, str]:
+    def prompt_values(self, language: str = "en") -> dict[str, str]:
+        words = _WORDS.get(language, _WORDS["en"])
         return {
-            "attributes": "\n".join(_describe(a) for a in self.attributes),
+            "attributes": "\n".join(_describe(a, words) for a in self.attributes),
             "attribute_names": ", ".join(a.name for a in self.attributes),
         }
 
@@ -91,7 +99,9 @@ class ExtractTask(Task):
             longest = max((len(v.encode("utf-8")) for v in a.values or ()), default=0)
             value = {
                 "enum": longest + 2,
-                "string": STRING_MAX_CHARS * 4 + 2,  # a character is at most 4 UTF-8 bytes
+                # Not a strict bound (a character can take several byte tokens), but a string
+                # that long is cut and the row marked invalid, never silently shortened.
+                "string": STRING_MAX_CHARS + 2,
                 "number": 32,
                 "list[enum]": len(a.values or ()) * (longest + 4) + 2,
             }[a.type]
@@ -157,13 +167,13 @@ def _check(a: AttributeSpec, value):
     return list(dict.fromkeys(value)) or None
 
 
-def _describe(a: AttributeSpec) -> str:
+def _describe(a: AttributeSpec, words: dict[str, str]) -> str:
     kind = {
-        "enum": f"one of: {', '.join(a.values or ())}",
-        "string": "text",
-        "number": f"number{f' in {a.unit}' if a.unit else ''}",
-        "list[enum]": f"any of: {', '.join(a.values or ())}",
+        "enum": f"{words['enum']}: {', '.join(a.values or ())}",
+        "string": words["string"],
+        "number": words["number"] + (f" {words['in']} {a.unit}" if a.unit else ""),
+        "list[enum]": f"{words['list']}: {', '.join(a.values or ())}",
     }[a.type]
-    need = "required" if a.required else "null if not stated"
+    need = words["required"] if a.required else words["optional"]
     about = f": {a.description}" if a.description else ""
     return f"- {a.name} ({kind}; {need}){about}"
