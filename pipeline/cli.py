@@ -240,6 +240,26 @@ def bench_cmd(
     click.echo(f"report: {out}/bench.md, {out}/bench.png, {out}/bench.json ({priced} priced rows)")
 
 
+@main.command("eval")
+@click.argument("run_folder", type=click.Path(file_okay=False))
+@click.option("--gold", "gold_file", required=True, help="Parquet or CSV file with the right answers.")
+@click.option("--on", "on", required=True, help="Id column of the gold file (and of the run, if it has one).")
+@click.option("--gold-column", default=None, help="Gold column [default: category; attributes for extract].")
+@click.option("--out", "out_dir", default=None, help="Report folder [default: RUN_FOLDER/eval].")
+@click.option("--thresholds", default="0.5,0.7,0.9", show_default=True, help="Confidence thresholds.")
+@_domain_errors
+def eval_cmd(run_folder, gold_file, on, gold_column, out_dir, thresholds):
+    """Score a run against gold answers: accuracy, F1, confusion, calibration; P/R/F1 per attribute."""
+    from pathlib import Path
+
+    from pipeline.evaluation import evaluate, parse_thresholds
+
+    out = Path(out_dir) if out_dir else Path(run_folder) / "eval"
+    report = evaluate(run_folder, gold_file, on, gold_column, out, parse_thresholds(thresholds))
+    click.echo((out / "eval.md").read_text(encoding="utf-8"), nl=False)
+    _log(f"report: {', '.join(str(out / name) for name in report['files'])}")
+
+
 @main.group()
 def models() -> None:
     """Known models and local checkpoints."""
