@@ -6,7 +6,8 @@
                 calibration of ``confidence`` (reliability diagram, ECE, accuracy at thresholds)
     multi-label (a ``labels`` column and list or "|"-joined gold): sample/micro/macro P, R, F1
     extract:    precision, recall, F1 per attribute and overall, exact and normalised
-    write eval.md, eval.json (the same numbers); for classify also confusion.csv/.png, reliability.png
+    write eval.md, eval.json (the same numbers); for classify also confusion.csv/.png, reliability.png;
+    for extract attributes.png
 
 The definitions, where a choice had to be made (``DEFINITIONS`` repeats them in every report):
 
@@ -610,6 +611,8 @@ def evaluate(
         }
         gold = [gold_attributes(gold_values[g], gold_ids[g]) or {} for _, g in pairs]
         report["extraction"] = extraction_metrics(attributes, predicted, gold)
+        attributes_png(report["extraction"], out / "attributes.png")
+        files.append("attributes.png")
     elif "labels" in run.table.column_names and _multivalued(gold_table.column(gold_column)):
         report["kind"] = "multilabel"
         preds = _take(run.table, "labels", [r for r, _ in pairs])
@@ -823,6 +826,8 @@ def _extraction_md(m: dict) -> list[str]:
         "",
         "## Scores per attribute",
         "",
+        "![F1 per attribute](attributes.png)",
+        "",
         "Exact: values as given. Normalised: Unicode NFKC, casefold, whitespace collapsed and stripped, "
         "numbers compared as floats.",
         "",
@@ -924,6 +929,31 @@ def confusion_png(confusion: dict, path: Path) -> None:
     ax.set_ylabel("gold")
     folded = " (busiest classes; the rest in (other))" if len(rows) < len(confusion["rows"]) else ""
     ax.set_title(f"confusion matrix{folded}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def attributes_png(extraction: dict, path: Path) -> None:
+    """F1 per attribute, exact next to normalised, so a slide shows where matching is too strict."""
+    plt = _pyplot()
+    rows = extraction["per_attribute"]
+    names = [r["attribute"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(rows)))
+    ys = range(len(rows))
+    exact = [r["exact"]["f1"] for r in rows]
+    norm = [r["normalised"]["f1"] for r in rows]
+    ax.barh([y - 0.2 for y in ys], exact, height=0.4, label="exact", color="#9aa5b1")
+    ax.barh([y + 0.2 for y in ys], norm, height=0.4, label="normalised", color="#2b7a78")
+    for y, e, n in zip(ys, exact, norm, strict=True):
+        ax.text(e, y - 0.2, f" {e:.2f}", va="center", fontsize=7)
+        ax.text(n, y + 0.2, f" {n:.2f}", va="center", fontsize=7)
+    ax.set_yticks(list(ys), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("F1")
+    ax.set_title(f"attribute extraction, {extraction['rows']} rows", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -273,7 +273,8 @@ def test_extraction_exact_and_normalised(tmp_path):
     assert overall["exact"]["f1"] == pytest.approx(2 * (3 / 9) * (3 / 9) / (6 / 9))
     assert x["unmatched_gold_attributes"] == {"Flavor": 1}
     assert report["join"]["only_in_run"] == 1 and report["join"]["only_in_gold"] == 1
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["eval.json", "eval.md"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["attributes.png", "eval.json", "eval.md"]
+    assert (tmp_path / "eval" / "attributes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "NFKC" in (tmp_path / "eval" / "eval.md").read_text()
 
 

@@ -204,7 +204,7 @@ def request_body(job, model: str, messages: Messages, constraint: Constraint, ma
         if constraint.choice is not None:
             body["structured_outputs"] = {"choice": list(constraint.choice)}
         else:
-            body["structured_outputs"] = {"json": constraint.json_schema}
+            body["structured_outputs"] = {"json": constraint.json_schema, "disable_any_whitespace": True}
     elif api.constraint == "json_schema":  # OpenAI's response_format
         schema = constraint.json_schema
         if constraint.choice is not None:  # a bare choice becomes {"label": <one of them>}

@@ -76,7 +76,9 @@ class ExtractTask(Task):
             elif a.type == "number":
                 prop = {"type": "number"}
             else:
+                # maxItems stops a small model from repeating one value until max_tokens
                 prop = {"type": "array", "items": {"type": "string", "enum": list(a.values)}}
+                prop["maxItems"] = len(a.values)
                 if a.required:
                     prop["minItems"] = 1
             if not a.required and a.type != "list[enum]":
@@ -101,11 +103,11 @@ class ExtractTask(Task):
                 "enum": longest + 2,
                 # Not a strict bound (a character can take several byte tokens), but a string
                 # that long is cut and the row marked invalid, never silently shortened.
-                "string": STRING_MAX_CHARS + 2,
+                "string": 2 * STRING_MAX_CHARS + 2,
                 "number": 32,
                 "list[enum]": len(a.values or ()) * (longest + 4) + 2,
             }[a.type]
-            total += len(a.name) + 6 + value
+            total += len(a.name) + 12 + value  # key, quotes, colon, comma, indentation
         return total
 
     def describe(self) -> dict:
