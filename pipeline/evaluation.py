@@ -971,7 +971,11 @@ def reliability_png(cal: dict, path: Path) -> None:
     accuracy = [b["accuracy"] for _, b in filled]
     top.bar([x for x, _ in filled], accuracy, width=width * 0.9, color="#2b7a78", label="accuracy in bin")
     top.plot(
-        [b["mean_confidence"] for _, b in filled], accuracy, "o", color="#c05746", label="mean confidence"
+        [b["mean_confidence"] for _, b in filled],
+        accuracy,
+        "o",
+        color="#c05746",
+        label="bin at its mean confidence",
     )
     top.set_ylim(0, 1)
     top.set_xlim(0, 1)
