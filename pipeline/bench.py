@@ -100,6 +100,11 @@ def bench(
     seed: int = 0,
     log=print,
 ) -> dict:
+    if job.task != "classify" or job.labels_max:
+        raise ConfigError(
+            "labelmill bench compares single-label classification jobs",
+            hint="for extraction, run each backend and compare them with labelmill eval",
+        )
     unknown = [b for b in backends if b not in profiles]
     if unknown:
         raise ConfigError(f"unknown backend profile(s) {unknown}; known: {', '.join(profiles)}")

@@ -145,3 +145,24 @@ def test_shipped_profiles_load_and_name_real_prices():
                 if price_id:
                     prices.get(price_id)  # raises if the id is not in the table
         assert profile.job["backend"] in {"vllm", "openai", "fake"}, name
+
+
+def test_bench_refuses_extraction_jobs(setup, make_job):
+    from pipeline.bench import bench
+    from pipeline.costs import load_prices
+
+    _, tmp = setup
+    job = make_job(
+        task="extract",
+        labels=None,
+        attributes=[{"name": "brand", "type": "string"}],
+        prompt=str(REPO_ROOT / "prompts" / "extract_product.en.yaml"),
+    )
+    with pytest.raises(ConfigError, match="single-label classification"):
+        bench(
+            load_job(job.path),
+            ["fake"],
+            load_profiles(tmp / "profiles.yaml"),
+            load_prices(tmp / "prices.yaml"),
+            tmp,
+        )
