@@ -26,6 +26,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputFormatError
 from pipeline.io import read_chunk, write_text_atomic
 from pipeline.runner import (
+    ChunkStats,
     chunk_marker,
     make_backend,
     open_run,
@@ -156,7 +157,9 @@ def import_results(job: JobConfig, result_files: list[str], restart: bool = Fals
                     answer = Completion("", None, 0, 0, None, error="no answer in the batch result files")
                 completions.append(answer)
             out = pending.finish(plan, completions)
-            folder.commit(chunk.index, out, chunk_marker(plan, chunk, out, 0.0, 0, None))
+            stats = ChunkStats(model_calls=len(completions))
+            stats.count(completions)
+            folder.commit(chunk.index, out, chunk_marker(plan, chunk, out, 0.0, stats, None))
         summary = summarise(folder, plan.manifest)
         summary["import"] = {
             "imported_answers": len(answers),

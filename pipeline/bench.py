@@ -126,6 +126,7 @@ def bench(
     for name in backends:
         overrides = {**profiles[name].job, "input": str(sample_path), "output": str(out_dir / "runs" / name)}
         overrides["keep_columns"] = keep
+        overrides["cache"] = {"enabled": False}  # measure the backend, not yesterday's answers
         run_job = JobConfig.model_validate({**job.model_dump(), **overrides})
         log(f"[{name}] running {n} rows on {run_job.backend} / {run_job.model}")
         summary = run(run_job, restart=True, progress=False, log=lambda m, _n=name: log(f"[{_n}] {m}"))

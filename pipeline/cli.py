@@ -53,15 +53,19 @@ def main() -> None:
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--restart", is_flag=True, help="Delete this run folder's finished parts and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache.")
 @_domain_errors
-def run(job_file: str, restart: bool, quiet: bool) -> None:
+def run(job_file: str, restart: bool, quiet: bool, no_cache: bool) -> None:
     """Run a job; rerunning the same command resumes where it stopped."""
     from pipeline.config import load_job
     from pipeline.runner import run as run_job
 
     # A scheduler's SIGTERM unwinds like Ctrl-C, so the engine is shut down and the lock released.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    summary = run_job(load_job(job_file), restart=restart, progress=not quiet, log=_log)
+    job = load_job(job_file)
+    if no_cache:
+        job = job.model_copy(update={"cache": job.cache.model_copy(update={"enabled": False})})
+    summary = run_job(job, restart=restart, progress=not quiet, log=_log)
     _print_summary(summary)
     counts = summary["status_counts"]
     if counts.get("error") or counts.get("invalid"):
@@ -142,7 +146,8 @@ def _print_summary(s: dict, to_err: bool = True) -> None:
         f"chunks  {s['chunks_done']}/{s['chunks_total']}",
         f"rows    {s['rows_done']}/{s['rows_total']} ({counts})",
         f"tokens  {s['prompt_tokens']} in ({s.get('cached_tokens', 0)} cached), {s['output_tokens']} out",
-        f"retries {s.get('retries', 0)}",
+        f"answers {s.get('model_calls', 0)} from the model, {s.get('cache_hits', 0)} from the cache, "
+        f"{s.get('duplicates', 0)} rows shared a duplicate's answer; {s.get('retries', 0)} retries",
         f"speed   {rate if rate else '-'} rows/s over {s['labelling_seconds']} s of labelling",
     ]
     if not s["complete"] and s.get("eta_seconds") is not None:
@@ -153,6 +158,9 @@ def _print_summary(s: dict, to_err: bool = True) -> None:
             f"now     {inv['rows_labelled']} rows labelled, {inv['chunks_resumed']} chunks resumed, "
             f"{inv['wall_seconds']} s wall"
         )
+    cache = s.get("cache")
+    if cache:
+        lines.append(f"cache   {cache['path']}: {cache['entries']} answers, {cache['bytes'] / 1e6:.1f} MB")
     lines.append(f"output  {s['run_folder']}/parts/*.parquet")
     for line in lines:
         click.echo(line, err=to_err)

@@ -99,6 +99,25 @@ class ApiConfig(_Strict):
         return value
 
 
+class DedupeConfig(_Strict):
+    """Which rows count as asking the same question (see ``pipeline/dedupe.py``)."""
+
+    enabled: bool = True
+    """Send each distinct (normalised) text of a chunk to the model once."""
+    nfc: bool = True
+    casefold: bool = True
+    collapse_whitespace: bool = True
+
+
+class CacheConfig(_Strict):
+    """The result cache shared by runs (see ``pipeline/cache.py``)."""
+
+    enabled: bool = True
+    """Reuse answers to texts already answered by the same model, prompt, labels and sampling."""
+    path: str | None = None
+    """SQLite file. None: ``$LABELMILL_HOME/cache/results.sqlite``."""
+
+
 class FakeConfig(_Strict):
     """Settings of the ``fake`` test-double backend."""
 
@@ -186,6 +205,8 @@ class JobConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     fake: FakeConfig = Field(default_factory=FakeConfig)
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     api: ApiConfig | None = None
     """Server settings for ``backend: openai``."""
     chunk_rows: int = Field(default=50_000, gt=0)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +24,9 @@ import yaml
 
 from pipeline import __version__
 from pipeline.backends import Backend, backend_class
+from pipeline.cache import ResultCache
 from pipeline.config import JobConfig
+from pipeline.dedupe import normalise
 from pipeline.errors import ConfigError, InputFormatError
 from pipeline.io import (
     Chunk,
@@ -36,7 +38,7 @@ from pipeline.io import (
     plan_chunks,
     read_chunk,
 )
-from pipeline.models import model_fingerprint, resolve_model
+from pipeline.models import labelmill_home, model_fingerprint, resolve_model
 from pipeline.prompts import RenderedPrompt, render
 from pipeline.state import RunFolder
 from pipeline.tasks import make_task
@@ -105,7 +107,9 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
     weights = model_fingerprint(model)
     components = {
         "input": _digest([f.identity for f in files]),
-        "rows": _digest([text_cols, job.text_template, job.id_column, job.keep_columns]),
+        "rows": _digest(
+            [text_cols, job.text_template, job.id_column, job.keep_columns, job.dedupe.model_dump()]
+        ),
         ("labels" if job.task == "classify" else "attributes"): _digest(task.describe()),
         "prompt": prompt.fingerprint,
         "model": _digest([job.backend, job.model, weights]),
@@ -214,6 +218,30 @@ def prepare_chunk(
     return PendingChunk(chunk, table, texts, results, todo, truncated)
 
 
+@dataclass
+class ChunkStats:
+    """Where a chunk's answers came from. rows needing an answer = model_calls + cache_hits +
+    duplicates; the token counts are what the model processed, not what the rows carry."""
+
+    model_calls: int = 0
+    """Distinct texts sent to the backend."""
+    cache_hits: int = 0
+    """Distinct texts answered from the result cache."""
+    duplicates: int = 0
+    """Rows answered by an earlier row of the chunk with the same normalised text."""
+    retries: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+    def count(self, completions) -> None:
+        for c in completions:
+            self.retries += c.retries
+            self.prompt_tokens += c.prompt_tokens or 0
+            self.output_tokens += c.output_tokens or 0
+            self.cached_tokens += c.cached_tokens or 0
+
+
 def label_chunk(
     plan: Plan,
     backend: Backend,
@@ -221,12 +249,52 @@ def label_chunk(
     chunk: Chunk,
     budget: int | None,
     previous: pa.Table | None = None,
-) -> tuple[pa.Table, int]:
-    """Label one chunk of input rows: the output table (same rows, same order) and the retries spent."""
+    cache: ResultCache | None = None,
+) -> tuple[pa.Table, ChunkStats]:
+    """Label one chunk of input rows: the output table (same rows, same order) and its stats.
+
+    Rows with the same normalised text are asked once; texts answered in earlier runs come from the
+    cache; the rest go to the backend in one call, in first-seen order, so a redone chunk is sent
+    exactly as before.
+    """
     pending = prepare_chunk(plan, backend, table, chunk, budget, previous)
-    # One backend call per chunk, rows in input order: a redone chunk is sent exactly as before.
-    completions = backend.complete(pending.conversations(plan), plan.task.constraint(), plan.max_tokens)
-    return pending.finish(plan, completions), sum(c.retries for c in completions)
+    conversations = pending.conversations(plan)
+    texts = [pending.texts[i] for i in pending.todo]
+    dedupe = plan.job.dedupe
+    # Rows of a group share the answer to the group's first row, sent with its own spelling. The
+    # cache is keyed by that exact text, so a cached run answers exactly as an uncached one would.
+    groups = [normalise(t, dedupe) for t in texts] if dedupe.enabled else list(range(len(texts)))
+    first: dict = {}
+    for n, group in enumerate(groups):
+        first.setdefault(group, n)
+    sent = {group: texts[n] for group, n in first.items()}
+    cached = cache.get_many(list(set(sent.values()))) if cache else {}
+    ask = [g for g in first if sent[g] not in cached]
+    fresh = backend.complete([conversations[first[g]] for g in ask], plan.task.constraint(), plan.max_tokens)
+    if cache:
+        cache.put_many({sent[g]: c for g, c in zip(ask, fresh, strict=True)})
+    answers = {g: cached[sent[g]] for g in first if sent[g] in cached}
+    answers.update(zip(ask, fresh, strict=True))
+    stats = ChunkStats(
+        model_calls=len(ask), cache_hits=len(first) - len(ask), duplicates=len(groups) - len(first)
+    )
+    stats.count(fresh)
+    return pending.finish(plan, [answers[g] for g in groups]), stats
+
+
+def cache_namespace(plan: Plan) -> str:
+    """Everything besides the text that decides an answer (see ``pipeline/cache.py``)."""
+    c = plan.manifest["components"]
+    parts = [c[k] for k in ("model", "prompt", "sampling", "engine") if k in c]
+    parts += [c.get("labels") or c.get("attributes"), plan.job.task]
+    return _digest(parts)
+
+
+def open_cache(plan: Plan) -> ResultCache | None:
+    if not plan.job.cache.enabled:
+        return None
+    path = plan.job.cache.path or labelmill_home() / "cache" / "results.sqlite"
+    return ResultCache(path, cache_namespace(plan))
 
 
 def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: list[RowResult]) -> pa.Table:
@@ -308,8 +376,10 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
             log(f"retrying {failed} row(s) with status error in {len(repair)} finished chunk(s)")
         model_seconds = 0.0
         rows_now = 0
+        cache_stats = None
         if todo or repair:
             backend = make_backend(plan)
+            cache = open_cache(plan)
             bar = None
             try:
                 log(f"starting backend {job.backend} with model {job.model} ...")
@@ -324,9 +394,9 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
                     table = read_chunk(plan.files[chunk.file_index], chunk, plan.read_columns)
                     earlier = finished.get(chunk.index)
                     previous = pq.read_table(folder.part_path(chunk.index)) if earlier else None
-                    out, retries = label_chunk(plan, backend, table, chunk, budget, previous)
+                    out, stats = label_chunk(plan, backend, table, chunk, budget, previous, cache)
                     seconds = time.perf_counter() - t0
-                    marker = chunk_marker(plan, chunk, out, seconds, retries, earlier)
+                    marker = chunk_marker(plan, chunk, out, seconds, stats, earlier)
                     folder.commit(chunk.index, out, marker)
                     model_seconds += seconds
                     rows_now += chunk.rows if earlier is None else earlier["status_counts"]["error"]
@@ -336,6 +406,9 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
             finally:
                 if bar is not None:
                     bar.close()
+                if cache is not None:
+                    cache_stats = cache.stats()
+                    cache.close()
                 backend.close()
         summary = summarise(folder, plan.manifest)
         wall = time.perf_counter() - started
@@ -348,34 +421,31 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
             "labelling_seconds": round(model_seconds, 2),
             "rows_per_second": round(rows_now / model_seconds, 2) if model_seconds else None,
         }
+        if cache_stats:
+            summary["cache"] = cache_stats
         folder.write_summary(summary)
     return summary
 
 
 def chunk_marker(
-    plan: Plan, chunk: Chunk, out: pa.Table, seconds: float, retries: int, earlier: dict | None
+    plan: Plan, chunk: Chunk, out: pa.Table, seconds: float, stats: ChunkStats, earlier: dict | None
 ) -> dict:
     statuses = out.column("status").to_pylist()
     earlier = earlier or {}
-    return {
+    marker = {
         "chunk": chunk.index,
         "file": str(plan.files[chunk.file_index].path),
         "start": chunk.start,
         "rows": chunk.rows,
         "part": f"parts/part-{chunk.index:05d}.parquet",
         "status_counts": {s: statuses.count(s) for s in STATUSES},
-        "prompt_tokens": _total(out, "prompt_tokens"),
-        "cached_tokens": _total(out, "cached_tokens"),
-        "output_tokens": _total(out, "output_tokens"),
-        # A retried chunk adds to what its first pass cost, so the totals stay honest.
-        "retries": earlier.get("retries", 0) + retries,
         "seconds": round(earlier.get("seconds", 0.0) + seconds, 3),
         "finished_at": _now(),
     }
-
-
-def _total(out: pa.Table, column: str) -> int:
-    return sum(x or 0 for x in out.column(column).to_pylist())
+    # A retried chunk adds to what its first pass cost, so the totals stay honest.
+    for name, value in asdict(stats).items():
+        marker[name] = earlier.get(name, 0) + value
+    return marker
 
 
 def _count(markers) -> dict[str, int]:
@@ -401,10 +471,7 @@ def summarise(folder: RunFolder, manifest: dict) -> dict:
         "rows_done": rows_done,
         "rows_total": manifest["rows"],
         "status_counts": _count(markers),
-        "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
-        "cached_tokens": sum(m.get("cached_tokens", 0) for m in markers),
-        "output_tokens": sum(m["output_tokens"] for m in markers),
-        "retries": sum(m.get("retries", 0) for m in markers),
+        **{k: sum(m.get(k, 0) for m in markers) for k in STAT_KEYS},
         "labelling_seconds": round(seconds, 3),
         "rows_per_second": round(rate, 2) if rate else None,
         "eta_seconds": round(remaining / rate, 1) if rate and remaining else (0 if not remaining else None),
@@ -412,6 +479,9 @@ def summarise(folder: RunFolder, manifest: dict) -> dict:
         "backend": manifest["provenance"]["backend"],
         "fingerprint": manifest["fingerprint"],
     }
+
+
+STAT_KEYS = [f.name for f in fields(ChunkStats)]
 
 
 def _digest(value) -> str:

@@ -141,3 +141,10 @@ def labelmill_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("LABELMILL_HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True)
+def _private_labelmill_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own LABELMILL_HOME, so no result cache is shared between tests (or with
+    the user's). Subprocess tests of the real engine pass their own environment (engine_env)."""
+    monkeypatch.setenv("LABELMILL_HOME", str(tmp_path / "home"))

@@ -72,6 +72,7 @@ def _job(tmp: Path, name: str, data: Path) -> Path:
             "enforce_eager": True,
         },
         "chunk_rows": CHUNK_ROWS,
+        "cache": {"enabled": False},  # every run here must reach the engine
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))

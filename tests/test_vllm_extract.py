@@ -35,6 +35,7 @@ def test_extraction_rows_fit_the_schema_and_eval_reports(tmp_path):
         output=str(tmp_path / "run"),
         prompt=str(REPO / "prompts" / "extract_product.en.yaml"),
         chunk_rows=5,
+        cache={"enabled": False},
     )
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job, allow_unicode=True))
     done = subprocess.run(

@@ -89,6 +89,7 @@ def test_job_through_vllm_serve(vllm_server, tmp_path):
         "backend": "openai",
         "api": {"base_url": vllm_server, "api_key_env": "LOCAL_VLLM_KEY", "max_concurrency": 8},
         "chunk_rows": 10,
+        "cache": {"enabled": False},
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     env = {**MODEL_ENV, "LOCAL_VLLM_KEY": KEY}

@@ -1,0 +1,108 @@
+"""Duplicate collapsing within a chunk and the result cache across runs (fake backend)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from pipeline.backends.fake import FakeBackend
+from pipeline.cli import main
+from pipeline.config import DedupeConfig, load_job
+from pipeline.dedupe import normalise
+from pipeline.errors import JobChangedError
+from pipeline.runner import run
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every conversation the fake backend is asked about, by its user message."""
+    seen: list[str] = []
+    real = FakeBackend.complete
+
+    def complete(self, conversations, constraint, max_tokens):
+        seen.extend(c[-1]["content"] for c in conversations)
+        return real(self, conversations, constraint, max_tokens)
+
+    monkeypatch.setattr(FakeBackend, "complete", complete)
+    return seen
+
+
+def _table(titles):
+    return pa.table({"id": pa.array(range(len(titles)), pa.int64()), "title": titles})
+
+
+def _run(job_files, **kw):
+    return run(load_job(job_files.path), progress=False, log=lambda _m: None, **kw)
+
+
+def test_normalise():
+    cfg = DedupeConfig()
+    assert normalise("  Zielona\tHERBATA  z\n jaśminem ", cfg) == "zielona herbata z jaśminem"
+    assert normalise("Cafe\u0301", cfg) == normalise("Café", cfg)
+    assert normalise("STRASSE", cfg) == normalise("straße", cfg)
+    assert normalise("A  B", DedupeConfig(collapse_whitespace=False, casefold=False)) == "A  B"
+
+
+def test_duplicates_in_a_chunk_go_to_the_model_once(make_job, read_parts, calls):
+    titles = ["Green Tea", "green   tea", "GREEN TEA", "Coffee beans", "Coffee beans", "Vitamin C"]
+    job_files = make_job(_table(titles), chunk_rows=100)
+    summary = _run(job_files)
+    assert len(calls) == 3 and calls[0].endswith("Green Tea")  # the first spelling is sent
+    assert (summary["model_calls"], summary["duplicates"], summary["cache_hits"]) == (3, 3, 0)
+    rows = read_parts(job_files.output).to_pylist()
+    assert [r["id"] for r in rows] == list(range(6))  # every row is still there
+    assert rows[0]["label"] == rows[1]["label"] == rows[2]["label"]
+    assert rows[3]["label"] == rows[4]["label"]
+
+
+def test_dedupe_can_be_switched_off(make_job, calls):
+    titles = ["Green Tea", "green tea", "Green Tea"]
+    job_files = make_job(_table(titles), dedupe={"enabled": False})
+    summary = _run(job_files)
+    assert len(calls) == 3 and summary["duplicates"] == 0
+
+
+def test_second_nightly_run_asks_only_about_new_texts(make_job, read_parts, calls, tmp_path):
+    yesterday = [f"product {i}" for i in range(50)]
+    today = [*yesterday, "brand new product", "another new one", "product 7"]  # "product 7" is known
+    first = make_job(_table(yesterday), name="night1", chunk_rows=20)
+    _run(first)
+    assert len(calls) == 50
+    calls.clear()
+    second = make_job(_table(today), name="night2", chunk_rows=20)
+    summary = _run(second)
+    assert sorted(c.split(": ", 1)[1] for c in calls) == ["another new one", "brand new product"]
+    assert (summary["model_calls"], summary["cache_hits"]) == (2, 51)
+    assert summary["cache"]["entries"] == 52 and summary["cache"]["bytes"] > 0
+
+    # The cached output equals a run without the cache, row by row.
+    fresh = make_job(_table(today), name="nocache", chunk_rows=20, cache={"enabled": False})
+    _run(fresh)
+    cached_rows = read_parts(second.output).select(["id", "label", "confidence", "status"]).to_pylist()
+    fresh_rows = read_parts(fresh.output).select(["id", "label", "confidence", "status"]).to_pylist()
+    assert cached_rows == fresh_rows
+
+
+def test_cache_is_per_model_prompt_and_labels(make_job, calls):
+    _run(make_job(_table(["a tea", "a coffee"]), name="one"))
+    _run(make_job(_table(["a tea", "a coffee"]), name="two", labels=["Tea", "Coffee", "Other"]))
+    assert len(calls) == 4  # other labels: other answers, so nothing reused
+
+
+def test_no_cache_flag_bypasses_it(make_job, calls):
+    job_files = make_job(_table(["a tea", "a coffee"]))
+    _run(job_files)
+    calls.clear()
+    result = CliRunner().invoke(main, ["run", "--quiet", "--restart", "--no-cache", str(job_files.path)])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 2
+    assert "2 from the model, 0 from the cache" in result.output
+
+
+def test_changing_the_normalisation_is_a_job_change(make_job):
+    job_files = make_job(_table(["a", "b"]))
+    _run(job_files)
+    job_files.rewrite(dedupe={"casefold": False})
+    with pytest.raises(JobChangedError, match="rows"):
+        _run(job_files)
