@@ -144,8 +144,9 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
     return Plan(job, task, prompt, model, files, chunks, id_column, read_columns, schema, manifest)
 
 
-def make_backend(plan: Plan) -> Backend:
-    return backend_class(plan.job.backend)(plan.job, plan.model)
+def make_backend(plan: Plan, log=None) -> Backend:
+    """The job's backend, not started: it starts on its first uncached text."""
+    return backend_class(plan.job.backend)(plan.job, plan.model, log)
 
 
 def text_budget(plan: Plan, backend: Backend) -> int | None:
@@ -378,24 +379,23 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
         rows_now = 0
         cache_stats = None
         if todo or repair:
-            backend = make_backend(plan)
-            cache = open_cache(plan)
-            bar = None
+            backend = make_backend(plan, log)
+            cache = bar = None
             try:
-                log(f"starting backend {job.backend} with model {job.model} ...")
-                t0 = time.perf_counter()
-                backend.start()
-                log(f"backend ready in {time.perf_counter() - t0:.1f} s")
+                if not plan.job.cache.enabled:
+                    backend.start()  # no cache: every text goes to the model; fail early if it can't
+                cache = open_cache(plan)
                 bar = Progress(plan.rows, done_rows, progress)
                 budget = text_budget(plan, backend)
                 totals = _count(finished.values())
                 for chunk in sorted(repair + todo, key=lambda c: c.index):
-                    t0 = time.perf_counter()
+                    t0, started_before = time.perf_counter(), backend.start_seconds
                     table = read_chunk(plan.files[chunk.file_index], chunk, plan.read_columns)
                     earlier = finished.get(chunk.index)
                     previous = pq.read_table(folder.part_path(chunk.index)) if earlier else None
                     out, stats = label_chunk(plan, backend, table, chunk, budget, previous, cache)
-                    seconds = time.perf_counter() - t0
+                    # a model load during this chunk is start-up, not labelling
+                    seconds = time.perf_counter() - t0 - (backend.start_seconds - started_before)
                     marker = chunk_marker(plan, chunk, out, seconds, stats, earlier)
                     folder.commit(chunk.index, out, marker)
                     model_seconds += seconds

@@ -106,3 +106,13 @@ def test_changing_the_normalisation_is_a_job_change(make_job):
     job_files.rewrite(dedupe={"casefold": False})
     with pytest.raises(JobChangedError, match="rows"):
         _run(job_files)
+
+
+def test_a_run_with_every_text_cached_never_asks_the_backend(make_job, calls, monkeypatch):
+    _run(make_job(_table(["a tea", "a coffee", "a tea"]), name="first"))
+    started = []
+    monkeypatch.setattr(FakeBackend, "start", lambda self: started.append(1))
+    calls.clear()
+    summary = _run(make_job(_table(["a coffee", "a tea"]), name="second"))
+    assert calls == [] and started == []
+    assert summary["cache_hits"] == 2 and summary["complete"]

@@ -46,7 +46,8 @@ class Backend(ABC):
 
     ``start`` loads the model; everything else (``count_tokens``, ``truncate``,
     ``prompt_tokens``) works before it, so ``labelmill validate`` can count tokens without
-    loading weights.
+    loading weights. ``complete`` starts the backend the first time it has something to answer, so
+    a run whose texts all come from the cache never loads a model.
     """
 
     name: ClassVar[str]
@@ -54,9 +55,12 @@ class Backend(ABC):
     """True when ``model:`` names weights this machine loads (resolved to a local folder); False when
     it is a name passed verbatim to a server."""
 
-    def __init__(self, job: JobConfig, model: str) -> None:
+    def __init__(self, job: JobConfig, model: str, log=None) -> None:
         self.job = job
         self.model = model
+        self.log = log or (lambda _message: None)
+        self.start_seconds = 0.0
+        """Time spent loading the model, so throughput figures can leave it out."""
 
     def start(self) -> None:  # noqa: B027 - optional hook: a backend without a model has nothing to load
         """Load the model. Idempotent."""

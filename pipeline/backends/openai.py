@@ -63,6 +63,7 @@ class OpenAIBackend(ByteTokens, Backend):
     name = "openai"
 
     _key: str | None = None
+    _started = False
 
     @property
     def api(self):
@@ -83,6 +84,7 @@ class OpenAIBackend(ByteTokens, Backend):
                     f"no API key: the environment variable {env} is not set",
                     hint=f"export {env}=... before running (the key never goes in the job file)",
                 )
+        self._started = True
 
     @property
     def max_model_len(self) -> int | None:
@@ -93,6 +95,8 @@ class OpenAIBackend(ByteTokens, Backend):
     ) -> list[Completion]:
         if not conversations:
             return []
+        if not self._started:
+            self.start()
         return asyncio.run(self._complete_all(conversations, constraint, max_tokens))
 
     async def _complete_all(self, conversations, constraint, max_tokens) -> list[Completion]:

@@ -13,6 +13,7 @@ and later is used.
 from __future__ import annotations
 
 import os
+import time
 from functools import cached_property
 
 from pipeline.backends.base import Backend, Completion, Constraint, Messages
@@ -62,6 +63,8 @@ class VllmBackend(Backend):
         from pipeline import reaper
 
         reaper.start()  # so a killed run leaves no engine process behind
+        self.log(f"starting vLLM with {self.model} ...")
+        t0 = time.perf_counter()
         e = self.job.engine
         kwargs = {
             "model": self.model,
@@ -82,6 +85,8 @@ class VllmBackend(Backend):
             self._llm = LLM(**{k: v for k, v in kwargs.items() if v is not None})
         except Exception as exc:  # vLLM raises many types at start-up; all mean "no engine"
             raise BackendError(f"vLLM could not start model '{self.model}': {exc}") from exc
+        self.start_seconds = time.perf_counter() - t0
+        self.log(f"vLLM ready in {self.start_seconds:.1f} s")
 
     @property
     def max_model_len(self) -> int | None:
