@@ -1,0 +1,70 @@
+"""Host throughput: everything around the model, with the fake backend standing in for it.
+
+    python bench/host_throughput.py --rows 2000000 --repeated 0.3 --runs 3
+
+Each run is a fresh `labelmill run` process (start-up included) on the same input, without the
+result cache; the figure is the median of the runs' rows per second of wall time, with the peak
+resident memory of each run. The fake backend answers instantly, so this measures reading,
+cleaning, duplicate collapsing, prompt building, parsing and writing: the work that must never
+hold a GPU back. Not a timed test: these machines are noisy, so read the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _keywords import keywords, write_input, write_job
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--repeated", type=float, default=0.3)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="labelmill-bench-") as tmp:
+        tmp = Path(tmp)
+        data = write_input(tmp / "input.parquet", keywords(args.rows, args.repeated))
+        results = []
+        for n in range(args.runs):
+            job = write_job(tmp / f"job{n}.yaml", data, tmp / f"run{n}", cache={"enabled": False})
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet"], check=True,
+                           capture_output=True)  # fmt: skip
+            wall = time.perf_counter() - t0
+            peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            summary = json.loads((tmp / f"run{n}" / "summary.json").read_text())
+            assert summary["rows_done"] == args.rows, summary
+            results.append(
+                {
+                    "wall_s": round(wall, 2),
+                    "rows_per_s": round(args.rows / wall),
+                    "peak_rss_mb": round(peak_mb),
+                }
+            )
+            print(f"run {n + 1}: {results[-1]}", flush=True)
+    figures = {
+        "rows": args.rows,
+        "repeated": args.repeated,
+        "runs": results,
+        "median_rows_per_s": statistics.median(r["rows_per_s"] for r in results),
+        "max_peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "model_calls_per_row": summary["model_calls"] / args.rows,
+    }
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

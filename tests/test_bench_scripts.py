@@ -1,0 +1,31 @@
+"""The benchmark scripts in bench/ run end to end at a tiny size, so they cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def _script(name: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / name), *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_host_throughput_script(tmp_path):
+    _script("host_throughput.py", "--rows", "3000", "--runs", "1", "--out", str(tmp_path / "f.json"))
+    figures = json.loads((tmp_path / "f.json").read_text())
+    assert figures["rows"] == 3000 and figures["median_rows_per_s"] > 0 and figures["max_peak_rss_mb"] > 0
+
+
+def test_nightly_rerun_script():
+    out = _script("nightly_rerun.py", "--rows", "3000", "--new", "0.02")
+    figures = json.loads(out[out.index("{") :])
+    assert figures["model_calls_night2"] == figures["new_distinct_texts"] == 60
+    assert figures["output_equals_uncached_run"] is True
