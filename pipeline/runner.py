@@ -1,8 +1,9 @@
 """The chunk loop: the one place that knows the whole order of a run.
 
-    plan (no model): inputs, columns, ids, labels, prompt, fingerprint, chunk plan
-    for each unfinished chunk:
-        read rows -> row text -> token budget -> backend (label-constrained) -> parse -> part + marker
+    plan (no model): inputs, columns, ids, task (labels or attributes), prompt, fingerprint, chunks
+    for each unfinished chunk (and each finished one with failed rows):
+        read rows -> row text -> token budget -> duplicates -> result cache
+            -> backend (answers constrained by the task) -> parse -> part + marker
 
 ``plan_job`` does every check that can fail before a model loads, so ``labelmill validate`` and
 ``labelmill run`` fail the same way on a bad job, and neither wastes a model start on it.
