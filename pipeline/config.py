@@ -48,9 +48,18 @@ class EngineConfig(_Strict):
     """Engine random seed (only matters when sampling is not greedy)."""
     trust_remote_code: bool = False
     """Allow a model's own Python code from its checkpoint to run."""
+    load_format: str | None = None
+    """vLLM weight loading (``auto``, ``safetensors``, ...). ``dummy`` gives random weights of the
+    checkpoint's shape: for throughput benchmarks only, never for labels."""
 
     # Settings that can change what the model answers; the others only change speed or memory.
-    OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "max_model_len", "quantization", "seed")
+    OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "dtype",
+        "max_model_len",
+        "quantization",
+        "seed",
+        "load_format",
+    )
 
 
 class SamplingConfig(_Strict):

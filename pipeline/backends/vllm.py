@@ -79,6 +79,7 @@ class VllmBackend(Backend):
             "quantization": e.quantization,
             "seed": e.seed,
             "trust_remote_code": e.trust_remote_code,
+            "load_format": e.load_format,
             "logprobs_mode": "processed_logprobs",
         }
         try:

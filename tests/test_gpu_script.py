@@ -1,0 +1,30 @@
+"""The GPU benchmark script runs end to end on the CPU in its reduced form, so it cannot rot.
+
+Its figures here mean nothing (a 2-layer toy with random weights on a CPU); on a GPU the same
+script measures Llama-3.1-8B's shape. Needs vLLM and the SmolLM2 tokenizer (see ``engine_env``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+from engine_env import MODEL_ENV, needs_engine
+
+pytestmark = needs_engine
+
+
+def test_reduced_gpu_script_measures_both_paths(tmp_path):
+    out = tmp_path / "figures.json"
+    script = str(REPO_ROOT / "bench" / "gpu_dummy_llama.py")
+    done = subprocess.run(
+        [sys.executable, script, "--reduced", "--items", "16", "--out", str(out)],
+        cwd=REPO_ROOT, env=MODEL_ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["labelmill"]["items"] == figures["bare_vllm"]["items"] == 16
+    assert figures["labelmill"]["ok"] == 16 and figures["bare_vllm"]["ok"] == 16
+    assert figures["ratio_labelmill_to_bare"] > 0
