@@ -46,6 +46,11 @@ class Profile(BaseModel):
     """Job keys that replace the job's own."""
     price: PriceRef | None = None
 
+    @property
+    def price_ids(self) -> list[str]:
+        """The price-table ids this backend is priced by (none for an unpriced profile)."""
+        return [p for p in (self.price.gpu, self.price.api) if p] if self.price else []
+
 
 def load_profiles(path: str | Path) -> dict[str, Profile]:
     path = Path(path)
@@ -109,8 +114,7 @@ def bench(
     if unknown:
         raise ConfigError(f"unknown backend profile(s) {unknown}; known: {', '.join(profiles)}")
     for name in backends:
-        ref = profiles[name].price
-        for price_id in [p for p in ((ref.gpu, ref.api) if ref else ()) if p]:
+        for price_id in profiles[name].price_ids:
             prices.get(price_id)  # fails now, naming the id, rather than after the runs
     price_apis = list(price_apis or [])
     for price_id in price_apis:
@@ -156,10 +160,8 @@ def bench(
 
     projections = []
     for name in backends:
-        ref = profiles[name].price
-        r = results[name]
-        measured = _sample(r)
-        for price_id in [p for p in ((ref.gpu, ref.api) if ref else ()) if p]:
+        measured = _sample(results[name])
+        for price_id in profiles[name].price_ids:
             price = prices.get(price_id)
             label = f"{name} (time x {price_id} $/h)" if isinstance(price, GpuPrice) else name
             projections.append(_row(label, project(measured, price, target_rows), estimate=False))

@@ -65,11 +65,7 @@ def run(job_file: str, restart: bool, quiet: bool, no_cache: bool) -> None:
     job = load_job(job_file)
     if no_cache:
         job = job.model_copy(update={"cache": job.cache.model_copy(update={"enabled": False})})
-    summary = run_job(job, restart=restart, progress=not quiet, log=_log)
-    _print_summary(summary)
-    counts = summary["status_counts"]
-    if counts.get("error") or counts.get("invalid"):
-        sys.exit(EXIT_ROW_ERRORS)
+    _finish(run_job(job, restart=restart, progress=not quiet, log=_log))
 
 
 @main.command()
@@ -139,6 +135,14 @@ def status(run_folder: str, as_json: bool) -> None:
     _print_summary(summary, to_err=False)
 
 
+def _finish(summary: dict) -> None:
+    """Print a finished run's summary; exit 6 if some rows have no valid answer."""
+    _print_summary(summary)
+    counts = summary["status_counts"]
+    if counts.get("error") or counts.get("invalid"):
+        sys.exit(EXIT_ROW_ERRORS)
+
+
 def _print_summary(s: dict, to_err: bool = True) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items())
     rate = s["rows_per_second"]
@@ -196,10 +200,7 @@ def import_cmd(job_file: str, results: tuple[str, ...], restart: bool) -> None:
     summary = import_results(load_job(job_file), list(results), restart=restart)
     done = summary["import"]
     _log(f"imported {done['imported_answers']} answers; {done['rows_without_answer']} row(s) had none")
-    _print_summary(summary)
-    counts = summary["status_counts"]
-    if counts.get("error") or counts.get("invalid"):
-        sys.exit(EXIT_ROW_ERRORS)
+    _finish(summary)
 
 
 @main.command("bench")

@@ -106,12 +106,13 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
     schema = pa.schema(out_fields + output_fields)
     chunks = plan_chunks(files, job.chunk_rows)
     weights = model_fingerprint(model)
+    answers_spec = task.describe()
     components = {
         "input": _digest([f.identity for f in files]),
         "rows": _digest(
             [text_cols, job.text_template, job.id_column, job.keep_columns, job.dedupe.model_dump()]
         ),
-        ("labels" if job.task == "classify" else "attributes"): _digest(task.describe()),
+        ("labels" if job.task == "classify" else "attributes"): _digest(answers_spec),
         "prompt": prompt.fingerprint,
         "model": _digest([job.backend, job.model, weights]),
         "sampling": _digest(job.sampling.model_dump()),
@@ -124,7 +125,7 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
         "fingerprint": _digest(components),
         "components": components,
         "task": job.task,
-        **({"attributes": task.describe()["attributes"]} if job.task == "extract" else {}),
+        **({"attributes": answers_spec["attributes"]} if job.task == "extract" else {}),
         "provenance": {
             "backend": job.backend,
             "model": job.model,
@@ -132,7 +133,7 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
             "model_fingerprint": weights,
             "prompt_file": job.prompt,
             "prompt_fingerprint": prompt.fingerprint,
-            **task.describe(),
+            **answers_spec,
             "sampling": job.sampling.model_dump(),
             "engine": job.engine.model_dump(),
         },
@@ -260,7 +261,6 @@ def label_chunk(
     exactly as before.
     """
     pending = prepare_chunk(plan, backend, table, chunk, budget, previous)
-    conversations = pending.conversations(plan)
     texts = [pending.texts[i] for i in pending.todo]
     dedupe = plan.job.dedupe
     # Rows of a group share the answer to the group's first row, sent with its own spelling. The
@@ -272,7 +272,9 @@ def label_chunk(
     sent = {group: texts[n] for group, n in first.items()}
     cached = cache.get_many(list(set(sent.values()))) if cache else {}
     ask = [g for g in first if sent[g] not in cached]
-    fresh = backend.complete([conversations[first[g]] for g in ask], plan.task.constraint(), plan.max_tokens)
+    # Messages only for the texts that go to the model: duplicates and cache hits need none.
+    conversations = [plan.prompt.messages(sent[g]) for g in ask]
+    fresh = backend.complete(conversations, plan.task.constraint(), plan.max_tokens)
     if cache:
         cache.put_many({sent[g]: c for g, c in zip(ask, fresh, strict=True)})
     answers = {g: cached[sent[g]] for g in first if sent[g] in cached}
