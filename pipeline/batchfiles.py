@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.backends.base import Completion
+from pipeline.backends.base import Completion, answers_table
 from pipeline.backends.openai import parse_completion, request_body, wraps_label
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputFormatError
@@ -156,9 +156,10 @@ def import_results(job: JobConfig, result_files: list[str], restart: bool = Fals
                     missing += 1
                     answer = Completion("", None, 0, 0, None, error="no answer in the batch result files")
                 completions.append(answer)
-            out = pending.finish(plan, completions)
+            table = answers_table(completions)
+            out = pending.finish(plan, table)
             stats = ChunkStats(model_calls=len(completions))
-            stats.count(completions)
+            stats.count(table)
             folder.commit(chunk.index, out, chunk_marker(plan, chunk, out, 0.0, stats, None))
         summary = summarise(folder, plan.manifest)
         summary["import"] = {

@@ -124,7 +124,7 @@ class CacheConfig(_Strict):
     enabled: bool = True
     """Reuse answers to texts already answered by the same model, prompt, labels and sampling."""
     path: str | None = None
-    """SQLite file. None: ``$LABELMILL_HOME/cache/results.sqlite``."""
+    """Cache folder. None: ``$LABELMILL_HOME/cache``."""
 
 
 class FakeConfig(_Strict):

@@ -19,15 +19,19 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
 from pipeline import __version__
 from pipeline.backends import Backend, backend_class
+from pipeline.backends.base import ANSWER_SCHEMA
 from pipeline.cache import ResultCache
 from pipeline.config import JobConfig
-from pipeline.dedupe import normalise
+from pipeline.dedupe import group_rows, normalise_texts
 from pipeline.errors import ConfigError, InputFormatError
 from pipeline.io import (
     Chunk,
@@ -44,7 +48,7 @@ from pipeline.prompts import RenderedPrompt, render
 from pipeline.state import RunFolder
 from pipeline.tasks import make_task
 from pipeline.tasks.base import COMMON_FIELDS, EMPTY, ERROR, STATUSES, RowResult, Task
-from pipeline.text import row_texts, text_columns
+from pipeline.text import text_columns, text_series
 
 # Tokens kept free between the prompt and the context limit: a cut text can re-tokenise a little
 # longer where it joins the template.
@@ -172,23 +176,35 @@ def text_budget(plan: Plan, backend: Backend) -> int | None:
 
 @dataclass
 class PendingChunk:
-    """A chunk's rows with their text ready; ``todo`` are the positions still needing an answer."""
+    """A chunk's rows with their text ready; ``todo`` are the rows still needing an answer.
+
+    Rows not in ``todo`` take their result from ``kept`` (row ``source[i]`` for row ``i``): the
+    empty-input result, or this chunk's earlier output when only its failed rows are redone.
+    """
 
     chunk: Chunk
     table: pa.Table
-    texts: list[str | None]
-    results: list[RowResult | None]
-    todo: list[int]
-    truncated: set[int]
+    texts: pl.Series
+    """Each row's text as it is sent (cleaned, cut to the budget); null where the row has none."""
+    todo: np.ndarray
+    truncated: np.ndarray
+    """Per row: its text was cut to fit the token budget."""
+    kept: pa.Table
+    source: np.ndarray
+
+    def todo_texts(self) -> pl.Series:
+        return self.texts.gather(self.todo)
 
     def conversations(self, plan: Plan) -> list[list[dict[str, str]]]:
-        return [plan.prompt.messages(self.texts[i]) for i in self.todo]
+        return [plan.prompt.messages(t) for t in self.todo_texts()]
 
-    def finish(self, plan: Plan, completions) -> pa.Table:
-        """Fill the ``todo`` rows from answers (in ``todo`` order); the chunk's output table."""
-        for i, completion in zip(self.todo, completions, strict=True):
-            self.results[i] = plan.task.parse(completion, i in self.truncated)
-        return _output_table(plan, self.table, self.chunk, self.results)
+    def finish(self, plan: Plan, answers: pa.Table) -> pa.Table:
+        """The chunk's output table, given the answers (``ANSWER_SCHEMA``) of its ``todo`` rows."""
+        parsed = plan.task.parse_answers(answers, pa.array(self.truncated[self.todo]))
+        index = self.source.copy()
+        index[self.todo] = self.kept.num_rows + np.arange(len(self.todo))
+        results = pa.concat_tables([self.kept, parsed]).take(pa.array(index))
+        return _output_table(plan, self.table, self.chunk, results)
 
 
 def prepare_chunk(
@@ -202,23 +218,35 @@ def prepare_chunk(
     """Row text, empty rows, truncation. With ``previous`` (this chunk's earlier output), only its
     rows with status ``error`` are pending; every other row keeps its earlier result."""
     job = plan.job
-    texts = row_texts(table, job.text_column, job.text_template)
+    task = plan.task
+    texts = text_series(table, job.text_column, job.text_template)
+    rows = table.num_rows
     if previous is None:
-        results = [
-            RowResult(status=EMPTY, error="text is null or blank") if t is None else None for t in texts
-        ]
+        todo = np.flatnonzero(texts.is_not_null().to_numpy())
+        kept = task.results_table([RowResult(status=EMPTY, error="text is null or blank")])
+        source = np.zeros(rows, dtype=np.int64)
     else:
-        names = [f.name for f in plan.task.fields + COMMON_FIELDS]
-        results = [plan.task.result_from_row(row) for row in previous.select(names).to_pylist()]
-        results = [None if r.status == ERROR else r for r in results]
-    todo = [i for i, r in enumerate(results) if r is None]
-    truncated = set()
-    if budget is not None and todo:
-        for i, n in zip(todo, backend.count_tokens([texts[i] for i in todo]), strict=True):
-            if n > budget:
-                texts[i] = backend.truncate(texts[i], budget)
-                truncated.add(i)
-    return PendingChunk(chunk, table, texts, results, todo, truncated)
+        schema = pa.schema(task.result_fields)
+        kept = pa.Table.from_arrays([previous.column(f.name).cast(f.type) for f in schema], schema=schema)
+        todo = np.flatnonzero(pc.equal(previous.column("status"), ERROR).to_numpy(zero_copy_only=False))
+        source = np.arange(rows, dtype=np.int64)
+    truncated = np.zeros(rows, dtype=bool)
+    if budget is not None and len(todo):
+        # A token carries at least one byte of the text (one more for a tokenizer's leading word
+        # marker), so only texts longer than the budget in bytes can be over it: count just those.
+        lengths = texts.gather(todo).str.len_bytes().to_numpy()
+        longer = todo[lengths + 1 > budget]
+        candidates = texts.gather(longer).to_list()
+        cut = [
+            (i, backend.truncate(text, budget))
+            for i, text, n in zip(longer, candidates, backend.count_tokens(candidates), strict=True)
+            if n > budget
+        ]
+        if cut:
+            where = np.array([i for i, _ in cut], dtype=np.int64)
+            texts = texts.scatter(where, [text for _, text in cut])
+            truncated[where] = True
+    return PendingChunk(chunk, table, texts, todo, truncated, kept, source)
 
 
 @dataclass
@@ -237,12 +265,11 @@ class ChunkStats:
     output_tokens: int = 0
     cached_tokens: int = 0
 
-    def count(self, completions) -> None:
-        for c in completions:
-            self.retries += c.retries
-            self.prompt_tokens += c.prompt_tokens or 0
-            self.output_tokens += c.output_tokens or 0
-            self.cached_tokens += c.cached_tokens or 0
+    def count(self, answers: pa.Table) -> None:
+        """Add the retries and tokens of fresh answers (``ANSWER_SCHEMA``)."""
+        for name in ("retries", "prompt_tokens", "output_tokens", "cached_tokens"):
+            total = pc.sum(answers.column(name)).as_py() if answers.num_rows else 0
+            setattr(self, name, getattr(self, name) + (total or 0))
 
 
 def label_chunk(
@@ -256,34 +283,40 @@ def label_chunk(
 ) -> tuple[pa.Table, ChunkStats]:
     """Label one chunk of input rows: the output table (same rows, same order) and its stats.
 
-    Rows with the same normalised text are asked once; texts answered in earlier runs come from the
-    cache; the rest go to the backend in one call, in first-seen order, so a redone chunk is sent
-    exactly as before.
+    Rows with the same normalised text are asked once; texts answered in earlier runs (or earlier
+    chunks) come from the cache; the rest go to the backend in one call, in first-seen order, so a
+    redone chunk is sent exactly as before. All of it works on whole columns.
     """
     pending = prepare_chunk(plan, backend, table, chunk, budget, previous)
-    texts = [pending.texts[i] for i in pending.todo]
+    texts = pending.todo_texts()
     dedupe = plan.job.dedupe
-    # Rows of a group share the answer to the group's first row, sent with its own spelling. The
-    # cache is keyed by that exact text, so a cached run answers exactly as an uncached one would.
-    groups = [normalise(t, dedupe) for t in texts] if dedupe.enabled else list(range(len(texts)))
-    first: dict = {}
-    for n, group in enumerate(groups):
-        first.setdefault(group, n)
-    sent = {group: texts[n] for group, n in first.items()}
-    cached = cache.get_many(list(set(sent.values()))) if cache else {}
-    ask = [g for g in first if sent[g] not in cached]
-    # Messages only for the texts that go to the model: duplicates and cache hits need none.
-    conversations = [plan.prompt.messages(sent[g]) for g in ask]
-    fresh = backend.complete(conversations, plan.task.constraint(), plan.max_tokens)
-    if cache:
-        cache.put_many({sent[g]: c for g, c in zip(ask, fresh, strict=True)})
-    answers = {g: cached[sent[g]] for g in first if sent[g] in cached}
-    answers.update(zip(ask, fresh, strict=True))
-    stats = ChunkStats(
-        model_calls=len(ask), cache_hits=len(first) - len(ask), duplicates=len(groups) - len(first)
-    )
+    if dedupe.enabled and len(texts):
+        first, group = group_rows(normalise_texts(texts, dedupe))
+    else:
+        first = group = np.arange(len(texts), dtype=np.int64)
+    # A group is sent with its first row's own spelling. The cache is keyed by that exact text, so
+    # a cached run answers exactly as an uncached one would.
+    sent = texts.gather(first)
+    if cache is not None:
+        hits, cached = cache.lookup(sent)
+    else:
+        hits, cached = np.empty(0, dtype=np.int64), ANSWER_SCHEMA.empty_table()
+    missing = np.ones(len(sent), dtype=bool)
+    missing[hits] = False
+    ask = np.flatnonzero(missing)
+    fresh = ANSWER_SCHEMA.empty_table()
+    if len(ask):
+        asked = sent.gather(ask)
+        fresh = backend.answer(plan.prompt, asked, plan.task.constraint(), plan.max_tokens)
+        if cache is not None:
+            cache.add(asked, fresh)
+    order = np.empty(len(sent), dtype=np.int64)
+    order[hits] = np.arange(len(hits))
+    order[ask] = len(hits) + np.arange(len(ask))
+    per_group = pa.concat_tables([cached, fresh]).take(pa.array(order))
+    stats = ChunkStats(model_calls=len(ask), cache_hits=len(hits), duplicates=len(texts) - len(sent))
     stats.count(fresh)
-    return pending.finish(plan, [answers[g] for g in groups]), stats
+    return pending.finish(plan, per_group.take(pa.array(group))), stats
 
 
 def cache_namespace(plan: Plan) -> str:
@@ -297,22 +330,20 @@ def cache_namespace(plan: Plan) -> str:
 def open_cache(plan: Plan) -> ResultCache | None:
     if not plan.job.cache.enabled:
         return None
-    path = plan.job.cache.path or labelmill_home() / "cache" / "results.sqlite"
+    path = plan.job.cache.path or labelmill_home() / "cache"
     return ResultCache(path, cache_namespace(plan))
 
 
-def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: list[RowResult]) -> pa.Table:
+def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: pa.Table) -> pa.Table:
     job = plan.job
     if job.id_column:
         ids = table.column(job.id_column)
     else:
         name = _relative_name(plan.files[chunk.file_index].path, plan.files)
-        ids = pa.array([f"{name}:{chunk.start + i}" for i in range(table.num_rows)], pa.string())
+        rows = pl.int_range(chunk.start, chunk.start + table.num_rows, eager=True).cast(pl.String)
+        ids = (f"{name}:" + rows).to_arrow().cast(pa.string())
     columns = [ids] + [table.column(c) for c in job.keep_columns if c != job.id_column]
-    for f in plan.task.fields:
-        columns.append(pa.array([r.values.get(f.name) for r in results], f.type))
-    for f in COMMON_FIELDS:
-        columns.append(pa.array([getattr(r, f.name) for r in results], f.type))
+    columns += results.columns
     metadata = {
         b"labelmill": json.dumps(
             {
@@ -410,8 +441,8 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
                 if bar is not None:
                     bar.close()
                 if cache is not None:
+                    cache.close()  # writes what is still in memory, so the stats count it
                     cache_stats = cache.stats()
-                    cache.close()
                 backend.close()
         summary = summarise(folder, plan.manifest)
         wall = time.perf_counter() - started
@@ -433,7 +464,7 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
 def chunk_marker(
     plan: Plan, chunk: Chunk, out: pa.Table, seconds: float, stats: ChunkStats, earlier: dict | None
 ) -> dict:
-    statuses = out.column("status").to_pylist()
+    counts = {c["values"].as_py(): c["counts"].as_py() for c in pc.value_counts(out.column("status"))}
     earlier = earlier or {}
     marker = {
         "chunk": chunk.index,
@@ -441,7 +472,7 @@ def chunk_marker(
         "start": chunk.start,
         "rows": chunk.rows,
         "part": f"parts/part-{chunk.index:05d}.parquet",
-        "status_counts": {s: statuses.count(s) for s in STATUSES},
+        "status_counts": {s: counts.get(s, 0) for s in STATUSES},
         "seconds": round(earlier.get("seconds", 0.0) + seconds, 3),
         "finished_at": _now(),
     }

@@ -42,6 +42,11 @@ def text_columns(text_column: str | None, text_template: str | None) -> list[str
 
 def row_texts(table: pa.Table, text_column: str | None, text_template: str | None) -> list[str | None]:
     """The cleaned text of each row, or None where the row has no text."""
+    return text_series(table, text_column, text_template).to_list()
+
+
+def text_series(table: pa.Table, text_column: str | None, text_template: str | None) -> pl.Series:
+    """The cleaned text of each row, null where the row has no text, as one column."""
     fields = text_columns(text_column, text_template)
     frame = pl.DataFrame({f: _as_text(table.column(f)) for f in fields})
     cleaned = [pl.col(f).str.replace_all(_CONTROL, " ").str.strip_chars() for f in fields]
@@ -57,7 +62,7 @@ def row_texts(table: pa.Table, text_column: str | None, text_template: str | Non
             if name is not None:
                 parts.append(pl.col(name).fill_null(""))
         text = pl.concat_str(parts).str.strip_chars()
-    return frame.select(pl.when(empty).then(None).otherwise(text).alias("t"))["t"].to_list()
+    return frame.select(pl.when(empty).then(None).otherwise(text).alias("t"))["t"]
 
 
 def _as_text(column: pa.ChunkedArray) -> pl.Series:

@@ -132,11 +132,13 @@ def test_status_of_a_locked_run_is_running(cli: CliRunner, make_job) -> None:
 
 
 def test_run_with_row_errors_exits_6(cli: CliRunner, make_job, monkeypatch) -> None:
-    from pipeline.backends.base import Completion
+    from pipeline.backends.base import Backend, Completion
     from pipeline.backends.fake import FakeBackend
 
     def complete(self, conversations, choices, max_tokens):
         return [Completion("none of them", None, 10, 2, "stop") for _ in conversations]
+
+    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
 
     monkeypatch.setattr(FakeBackend, "complete", complete)
     job_files = make_job(default_table(4))

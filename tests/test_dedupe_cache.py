@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
+from pipeline.backends.base import Backend
 from pipeline.backends.fake import FakeBackend
 from pipeline.cli import main
 from pipeline.config import DedupeConfig, load_job
@@ -23,6 +24,8 @@ def calls(monkeypatch):
     def complete(self, conversations, constraint, max_tokens):
         seen.extend(c[-1]["content"] for c in conversations)
         return real(self, conversations, constraint, max_tokens)
+
+    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
 
     monkeypatch.setattr(FakeBackend, "complete", complete)
     return seen
@@ -116,3 +119,70 @@ def test_a_run_with_every_text_cached_never_asks_the_backend(make_job, calls, mo
     summary = _run(make_job(_table(["a coffee", "a tea"]), name="second"))
     assert calls == [] and started == []
     assert summary["cache_hits"] == 2 and summary["complete"]
+
+
+TRICKY = [
+    "Cafe\u0301 au lait",  # e + combining acute
+    "Café au lait",
+    "\u1100\u1161\u11a8",  # Hangul jamo that compose into one syllable
+    "각",
+    "\u212b ångström",  # ANGSTROM SIGN: NFC replaces it
+    "STRASSE straße Straße ẞ",
+    "ﬁle ﬂow",  # ligatures fold to two letters
+    "ΣΟΦΟΣ σοφος",  # final sigma
+    "ᏣᎳᎩ ꮳꮃꭹ",  # Cherokee folds to upper case
+    "İstanbul",
+    "  Zielona\tHERBATA  z\n jaśminem ",
+    "ŻÓŁTA Łódź ĄĘ",
+    "plain ascii TEXT",
+    "\u00a0non-breaking\u2003em space\u3000ideographic ",
+]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DedupeConfig(),
+        DedupeConfig(nfc=False),
+        DedupeConfig(casefold=False),
+        DedupeConfig(collapse_whitespace=False),
+    ],
+)
+def test_column_normalisation_equals_pythons_own_text_functions(cfg):
+    """The vectorised form gives what Python's unicodedata, casefold and re give, text by text."""
+    import re
+    import unicodedata
+
+    import polars as pl
+
+    from pipeline.dedupe import normalise_texts
+
+    def reference(text):
+        if cfg.nfc:
+            text = unicodedata.normalize("NFC", text)
+        if cfg.casefold:
+            text = text.casefold()
+        if cfg.collapse_whitespace:
+            text = re.sub(r"\s+", " ", text).strip()
+        return text
+
+    got = normalise_texts(pl.Series([*TRICKY, None], dtype=pl.String), cfg).to_list()
+    assert got == [*map(reference, TRICKY), None]
+
+
+def test_group_rows_numbers_groups_by_first_appearance():
+    import polars as pl
+
+    from pipeline.dedupe import group_rows
+
+    first, group = group_rows(pl.Series(["b", "a", "b", "c", "a", "b"]))
+    assert first.tolist() == [0, 1, 3] and group.tolist() == [0, 1, 0, 2, 1, 0]
+
+
+def test_the_same_text_in_a_later_chunk_comes_from_the_cache(make_job, calls):
+    titles = ["Green Tea", "Coffee", "Vitamin C", "Green Tea", "coffee", "Coffee"]
+    summary = _run(make_job(_table(titles), chunk_rows=3))
+    # chunk 2: "Green Tea" was answered in chunk 1; "coffee" is another text, sent once for
+    # itself and for "Coffee", which follows it in that chunk
+    assert [c.split(": ", 1)[1] for c in calls] == ["Green Tea", "Coffee", "Vitamin C", "coffee"]
+    assert (summary["model_calls"], summary["cache_hits"], summary["duplicates"]) == (4, 1, 1)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from conftest import REPO_ROOT, default_table
 
-from pipeline.backends.base import Completion
+from pipeline.backends.base import Backend, Completion
 from pipeline.backends.fake import FakeBackend
 from pipeline.config import AttributeSpec, load_job
 from pipeline.errors import JobFileError, PromptError
@@ -84,6 +84,8 @@ def test_answers_that_do_not_fit_are_invalid_never_guessed(make_job, read_parts,
     def complete(self, conversations, constraint, max_tokens):
         return [Completion(answer, None, 50, 9, "stop") for _ in conversations]
 
+    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
+
     monkeypatch.setattr(FakeBackend, "complete", complete)
     job_files = _extract_job(make_job, default_table(3))
     summary = _quiet(job_files)
@@ -98,6 +100,8 @@ def test_answers_that_do_not_fit_are_invalid_never_guessed(make_job, read_parts,
 def test_required_attribute_missing_is_invalid(make_job, read_parts, monkeypatch):
     def complete(self, conversations, constraint, max_tokens):
         return [Completion('{"brand": null, "colour": "red"}', None, 50, 9, "stop") for _ in conversations]
+
+    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
 
     monkeypatch.setattr(FakeBackend, "complete", complete)
     attrs = [
@@ -115,6 +119,8 @@ def test_values_are_normalised_into_their_types(make_job, read_parts, monkeypatc
 
     def complete(self, conversations, constraint, max_tokens):
         return [Completion(answer, None, 50, 9, "stop") for _ in conversations]
+
+    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
 
     monkeypatch.setattr(FakeBackend, "complete", complete)
     job_files = _extract_job(make_job, default_table(1))
@@ -200,6 +206,8 @@ def test_multilabel_answers_outside_the_rules_are_invalid(make_job, read_parts, 
     def complete(self, conversations, constraint, max_tokens):
         assert constraint.json_schema["properties"]["labels"]["maxItems"] == 2
         return [Completion(answer, None, 50, 9, "stop") for _ in conversations]
+
+    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
 
     monkeypatch.setattr(FakeBackend, "complete", complete)
     job_files = make_job(default_table(2), labels_max=2, prompt=PROMPT_MULTI)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import LABELS, default_table, write_table
 
-from pipeline.backends.base import Completion
+from pipeline.backends.base import Backend, Completion
 from pipeline.backends.fake import FakeBackend
 from pipeline.config import JobConfig
 from pipeline.errors import (
@@ -331,6 +331,8 @@ def test_answers_outside_the_label_set_become_invalid_rows(make_job, read_parts,
             elif "SPACED" in messages[-1]["content"]:
                 out[i] = Completion(" Tea\n", -0.5, out[i].prompt_tokens, 2, "stop")
         return out
+
+    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
 
     monkeypatch.setattr(FakeBackend, "complete", complete)
     titles = ["Green tea", "HALLUCINATE please", "CUT short", "SPACED answer"]
@@ -666,6 +668,8 @@ def test_rows_the_backend_failed_on_are_retried_on_rerun(make_job, read_parts, m
                 if "FLAKY" in messages[-1]["content"]:
                     out[i] = Completion("", None, 0, 0, None, error="HTTP 503 after 5 retries", retries=5)
         return out
+
+    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
 
     monkeypatch.setattr(FakeBackend, "complete", flaky)
     titles = [f"FLAKY row {i}" if i in (3, 17) else f"Green tea {i}" for i in range(25)]

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import astuple, dataclass, fields
+from typing import TYPE_CHECKING, ClassVar
+
+import pyarrow as pa
 
 from pipeline.config import JobConfig
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from pipeline.prompts import RenderedPrompt
 
 Messages = list[dict[str, str]]
 
@@ -27,6 +34,35 @@ class Completion:
     error: str | None = None
     """Why no answer came (after retries); the row gets status ``error`` and is retried on rerun."""
     retries: int = 0
+
+
+ANSWER_SCHEMA = pa.schema(
+    [
+        pa.field("text", pa.string()),
+        pa.field("logprob", pa.float64()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("output_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("cached_tokens", pa.int32()),
+        pa.field("error", pa.string()),
+        pa.field("retries", pa.int32()),
+    ]
+)
+"""Answers as columns, one row per request: the fields of :class:`Completion`, in its order."""
+
+
+def answers_table(completions: list[Completion]) -> pa.Table:
+    """Completions as an answers table (``ANSWER_SCHEMA``)."""
+    columns = list(zip(*(astuple(c) for c in completions), strict=True)) or [()] * len(ANSWER_SCHEMA)
+    return pa.Table.from_arrays(
+        [pa.array(col, f.type) for col, f in zip(columns, ANSWER_SCHEMA, strict=True)], schema=ANSWER_SCHEMA
+    )
+
+
+def table_completions(answers: pa.Table) -> list[Completion]:
+    """An answers table back as Completion objects (for code that handles one answer at a time)."""
+    names = [f.name for f in fields(Completion)]
+    return [Completion(**row) for row in answers.select(names).to_pylist()]
 
 
 @dataclass(frozen=True)
@@ -94,6 +130,17 @@ class Backend(ABC):
         self, conversations: list[Messages], constraint: Constraint, max_tokens: int
     ) -> list[Completion]:
         """Answer every conversation within ``constraint``; results in input order."""
+
+    def answer(
+        self, prompt: RenderedPrompt, texts: pl.Series, constraint: Constraint, max_tokens: int
+    ) -> pa.Table:
+        """Answer ``prompt`` filled with each of ``texts``; an answers table (``ANSWER_SCHEMA``),
+        one row per text, in order. This is what the runner calls: a backend whose cost per answer
+        is tiny (the test double) answers whole columns at once here; the others answer through
+        ``complete``."""
+        if not len(texts):
+            return ANSWER_SCHEMA.empty_table()
+        return answers_table(self.complete([prompt.messages(t) for t in texts], constraint, max_tokens))
 
     def version(self) -> str:
         return self.name

@@ -1,49 +1,86 @@
 """A deterministic test double. It loads no model and knows nothing about language.
 
-The label is picked by a hash of the row's text (for a JSON schema: every enum value, list length
-and presence of an optional value likewise; strings are the row's last words), the confidence is
-a second hash mapped into (0, 1], and a "token" is four bytes of UTF-8. Use it for tests of the
-machinery (chunking, resume, output format) and for demos without a GPU; never for a claim about
-model quality or speed.
+The label is picked by a hash of the user message (for a JSON schema: every enum value, list
+length and presence of an optional value likewise; strings are the row's last words), the
+confidence is another part of the hash mapped into (0, 1], and a "token" is four bytes of UTF-8.
+It answers whole columns at once, so a benchmark with it measures the pipeline, not the fake.
+Use it for tests of the machinery (chunking, resume, output format) and for demos without a GPU;
+never for a claim about model quality or speed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 
-from pipeline.backends.base import Backend, ByteTokens, Completion, Constraint, Messages
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline.backends.base import (
+    ANSWER_SCHEMA,
+    Backend,
+    ByteTokens,
+    Completion,
+    Constraint,
+    Messages,
+    table_completions,
+)
+
+_SEED = 20240917
 
 
 class FakeBackend(ByteTokens, Backend):
     name = "fake"
 
+    def answer(self, prompt, texts: pl.Series, constraint: Constraint, max_tokens: int) -> pa.Table:
+        users = pl.select(
+            pl.concat_str([pl.lit(prompt.user_prefix), pl.lit(texts), pl.lit(prompt.user_suffix)])
+        ).to_series()
+        other = self._tokens(prompt.system) + 4 + 4  # the system message, and the user message's own 4
+        return self._answers(users, np.full(len(users), other), constraint)
+
     def complete(
         self, conversations: list[Messages], constraint: Constraint, max_tokens: int
     ) -> list[Completion]:
-        delay = self.job.fake.seconds_per_row
-        out = []
-        for messages in conversations:
-            if delay:
-                time.sleep(delay)
-            digest = hashlib.sha256(messages[-1]["content"].encode("utf-8")).digest()
-            if constraint.choice is not None:
-                answer = constraint.choice[int.from_bytes(digest[:4], "big") % len(constraint.choice)]
-            else:
-                answer = json.dumps(_fill(constraint.json_schema, digest, messages[-1]["content"]))
-            confidence = (int.from_bytes(digest[4:8], "big") % 1000 + 1) / 1000
-            out.append(
-                Completion(
-                    text=answer,
-                    logprob=math.log(confidence),
-                    prompt_tokens=self.prompt_tokens(messages),
-                    output_tokens=self._tokens(answer) + 1,
-                    finish_reason="stop",
-                )
+        users = pl.Series([c[-1]["content"] for c in conversations], dtype=pl.String)
+        other = [sum(self._tokens(m["content"]) + 4 for m in c[:-1]) + 4 for c in conversations]
+        return table_completions(self._answers(users, np.array(other, dtype=np.int64), constraint))
+
+    def _answers(self, users: pl.Series, other_tokens: np.ndarray, constraint: Constraint) -> pa.Table:
+        """Whole columns at once: the fake's cost must not hide the pipeline's in a benchmark."""
+        if self.job.fake.seconds_per_row:
+            time.sleep(self.job.fake.seconds_per_row * len(users))
+        digest = users.hash(seed=_SEED).to_numpy()
+        confidence = ((digest >> np.uint64(32)) % np.uint64(1000) + np.uint64(1)).astype(np.float64) / 1000
+        if constraint.choice is not None:
+            pick = (digest & np.uint64(0xFFFFFFFF)) % np.uint64(len(constraint.choice))
+            answers = pa.array(constraint.choice, pa.string()).take(pa.array(pick.astype(np.int64)))
+        else:
+            answers = pa.array(
+                [
+                    json.dumps(_fill(constraint.json_schema, hashlib.sha256(u.encode()).digest(), u))
+                    for u in users.to_list()
+                ],
+                pa.string(),
             )
-        return out
+        answer_bytes = pl.Series(answers).str.len_bytes().to_numpy().astype(np.int64)
+        user_bytes = users.str.len_bytes().to_numpy().astype(np.int64)
+        n = len(users)
+        columns = {
+            "text": answers,
+            "logprob": np.log(confidence),
+            "prompt_tokens": other_tokens + -(-user_bytes // 4),
+            "output_tokens": -(-answer_bytes // 4) + 1,
+            "finish_reason": pa.array(["stop"] * n, pa.string()),
+            "cached_tokens": pa.nulls(n, pa.int32()),
+            "error": pa.nulls(n, pa.string()),
+            "retries": np.zeros(n, dtype=np.int32),
+        }
+        return pa.Table.from_arrays(
+            [pa.array(columns[f.name], f.type) for f in ANSWER_SCHEMA], schema=ANSWER_SCHEMA
+        )
 
 
 def _fill(schema: dict, digest: bytes, text: str):

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline.backends.base import Completion, Constraint
+from pipeline.backends.base import Completion, Constraint, table_completions
 
 # Row statuses, in the order the summary prints them. ``invalid``: the model answered, but the answer
 # does not fit the task (the raw answer is kept; rerunning won't change it). ``error``: no answer
@@ -71,6 +71,27 @@ class Task(ABC):
 
     @abstractmethod
     def parse(self, completion: Completion, truncated: bool) -> RowResult: ...
+
+    @property
+    def result_fields(self) -> list[pa.Field]:
+        """Every column a parsed answer fills: the task's own, then the common ones."""
+        return self.fields + COMMON_FIELDS
+
+    def parse_answers(self, answers: pa.Table, truncated: pa.Array) -> pa.Table:
+        """An answers table (``ANSWER_SCHEMA``) as result columns (``result_fields``), row by row.
+
+        A task whose answers can be checked on whole columns overrides this; the default parses
+        each answer with ``parse``.
+        """
+        flags = truncated.to_pylist()
+        return self.results_table(
+            [self.parse(c, t) for c, t in zip(table_completions(answers), flags, strict=True)]
+        )
+
+    def results_table(self, results: list[RowResult]) -> pa.Table:
+        columns = [pa.array([r.values.get(f.name) for r in results], f.type) for f in self.fields]
+        columns += [pa.array([getattr(r, f.name) for r in results], f.type) for f in COMMON_FIELDS]
+        return pa.Table.from_arrays(columns, schema=pa.schema(self.result_fields))
 
     @abstractmethod
     def describe(self) -> dict:
