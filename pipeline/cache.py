@@ -30,6 +30,7 @@ are memory-mapped, so the operating system pages them in and out as lookups touc
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import time
 from pathlib import Path
@@ -63,6 +64,8 @@ class ResultCache:
         self.namespace = namespace
         self.folder = self.root / namespace
         self._segments: list[pa.Table] = []
+        self._mappings: list[mmap.mmap | None] = []
+        """Each segment's file mapping; None while it is held in memory only."""
         self._starts: list[int] = []
         self._entries = 0
         self._index = np.empty(0, dtype=np.uint64)
@@ -71,9 +74,10 @@ class ResultCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for path in sorted(self.folder.glob("seg-*.arrow")):
-                table = _read_segment(path)
-                if table is not None:
-                    self._add_segment(table)
+                mapped = _map_segment(path)
+                if mapped is not None:
+                    self._add_segment(*mapped)
+            self._release()  # indexing read every stored text once
         except OSError as exc:
             raise OutputError(
                 f"cannot open the result cache {self.folder}: {exc}", hint="use --no-cache"
@@ -105,7 +109,8 @@ class ResultCache:
             open_ = open_[~equal]
             position[open_] += 1
         hits = np.flatnonzero(found >= 0)
-        answers = self._take(found[hits], _ANSWER_FIELDS)
+        answers = self._take(found[hits], _ANSWER_FIELDS).combine_chunks()
+        self._release()
         answers = answers.append_column("error", pa.nulls(len(hits), pa.string()))
         return hits, answers.select([f.name for f in ANSWER_SCHEMA]).cast(ANSWER_SCHEMA)
 
@@ -134,13 +139,16 @@ class ResultCache:
         path = self.folder / f"seg-{time.time_ns():020d}-{os.getpid()}.arrow"
         try:
             _write_segment(table, path)
-            mapped = _read_segment(path)
+            mapped = _map_segment(path)
+            if mapped is None:
+                raise OSError("the segment just written cannot be read back")
         except OSError as exc:
             raise OutputError(
                 f"cannot write the result cache {self.folder}: {exc}", hint="use --no-cache"
             ) from None
         # the same entries, numbered the same, now read from the disk instead of held in memory
-        self._segments[first:] = [mapped]
+        self._segments[first:] = [mapped[0]]
+        self._mappings[first:] = [mapped[1]]
         del self._starts[first + 1 :]
 
     def stats(self) -> dict:
@@ -161,6 +169,7 @@ class ResultCache:
         """Write what is still in memory; merge the namespace's segments when there are many."""
         self.flush()
         self._segments.clear()
+        self._mappings.clear()
         try:
             segments = sorted(self.folder.glob("seg-*.arrow"))
             if len(segments) > _MERGE_ABOVE:
@@ -168,7 +177,7 @@ class ResultCache:
         except OSError:
             pass  # merging is housekeeping; the next run tries again
 
-    def _add_segment(self, table: pa.Table) -> None:
+    def _add_segment(self, table: pa.Table, mapping: mmap.mmap | None = None) -> None:
         ids = np.arange(self._entries, self._entries + table.num_rows, dtype=np.uint64)
         keys = (text_hashes(pl.Series(table.column("sent"))) << np.uint64(_ID_BITS)) | ids
         # Two sorted runs: a stable sort merges them in one pass.
@@ -176,8 +185,17 @@ class ResultCache:
         index.sort(kind="stable")
         self._index = index
         self._segments.append(table)
+        self._mappings.append(mapping)
         self._starts.append(self._entries)
         self._entries += table.num_rows
+
+    def _release(self) -> None:
+        """Let go of the segment pages lookups touched: they stay in the operating system's file
+        cache, but stop counting as this process's memory, which would otherwise grow to the size
+        of the cache."""
+        for mapping in self._mappings:
+            if mapping is not None:
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     def _take(self, entries: np.ndarray, columns: list[str]) -> pa.Table:
         """Rows of the given entry numbers, in that order."""
@@ -189,17 +207,27 @@ class ResultCache:
         for run in np.split(order, bounds):
             s = segment[run[0]]
             rows = pa.array(entries[run] - self._starts[s])
-            parts.append(self._segments[s].select(columns).take(rows))
+            parts.append(self._segments[s].select(columns).take(rows))  # a copy, out of the mapping
+            if self._mappings[s] is not None:
+                self._mappings[s].madvise(mmap.MADV_DONTNEED)  # see _release
         taken = pa.concat_tables(parts).combine_chunks()
         return taken.take(pa.array(np.argsort(order)))
 
 
 def _read_segment(path: Path) -> pa.Table | None:
+    mapped = _map_segment(path)
+    return mapped[0] if mapped else None
+
+
+def _map_segment(path: Path) -> tuple[pa.Table, mmap.mmap] | None:
+    """A segment read in place (no copy), with its mapping; None if it is not a whole segment."""
     try:
-        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    except (pa.ArrowInvalid, OSError):
-        return None  # not a whole segment (a foreign file): ignored, never trusted
-    return table if table.schema.equals(ENTRY_SCHEMA) else None
+        with path.open("rb") as fh:
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        table = pa.ipc.open_file(pa.py_buffer(mapping)).read_all()
+    except (pa.ArrowInvalid, OSError, ValueError):
+        return None  # a foreign or broken file: ignored, never trusted
+    return (table, mapping) if table.schema.equals(ENTRY_SCHEMA) else None
 
 
 def _write_segment(table: pa.Table, path: Path) -> None:

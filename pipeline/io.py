@@ -145,24 +145,39 @@ def read_chunk(file: InputFile, chunk: Chunk, columns: list[str]) -> pa.Table:
 
 
 def check_ids(files: list[InputFile], id_column: str) -> None:
-    """Refuse null or repeated ids across all input files before any model work."""
+    """Refuse null or repeated ids across all input files before any model work.
+
+    Memory stays at 8 bytes per row: the ids are read in batches and only a 64-bit hash of each is
+    kept; equal hashes are then confirmed (or not) on the ids themselves in a second pass.
+    """
+    import numpy as np
     import polars as pl
 
-    scan = pl.scan_parquet([str(f.path) for f in files]).select(pl.col(id_column))
-    nulls = scan.select(pl.col(id_column).null_count()).collect().item()
+    def batches():
+        for f in files:
+            for batch in pq.ParquetFile(f.path).iter_batches(batch_size=1 << 20, columns=[id_column]):
+                yield pl.Series(batch.column(0))
+
+    nulls, hashes = 0, []
+    for ids in batches():
+        nulls += ids.null_count()
+        hashes.append(ids.hash(seed=_ID_SEED).to_numpy())
     if nulls:
         raise DuplicateIdError(
             f"id column '{id_column}' has {nulls} null value(s)",
             hint="fill them, or drop id_column to use ids made from file name and row number",
         )
-    dupes = (
-        scan.group_by(id_column)
-        .len()
-        .filter(pl.col("len") > 1)
-        .sort(id_column)
-        .head(5)
-        .collect(engine="streaming")
-    )
+    if not hashes:
+        return
+    sorted_hashes = np.sort(np.concatenate(hashes))
+    del hashes
+    shared = np.unique(sorted_hashes[1:][sorted_hashes[1:] == sorted_hashes[:-1]])
+    del sorted_hashes
+    if not len(shared):
+        return
+    shared_set = pl.Series(shared).implode()
+    candidates = pl.concat([ids.filter(ids.hash(seed=_ID_SEED).is_in(shared_set)) for ids in batches()])
+    dupes = candidates.value_counts(name="n").filter(pl.col("n") > 1).sort(candidates.name).head(5)
     if dupes.height:
         examples = ", ".join(f"{v!r} x{n}" for v, n in dupes.iter_rows())
         raise DuplicateIdError(
@@ -170,6 +185,9 @@ def check_ids(files: list[InputFile], id_column: str) -> None:
             hint="ids must be unique across all input files; deduplicate the input, or drop "
             "id_column to use ids made from file name and row number",
         )
+
+
+_ID_SEED = 11
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
