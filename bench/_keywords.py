@@ -82,3 +82,9 @@ def write_job(path: Path, input_path: Path, output: Path, **extra) -> Path:
     }
     path.write_text(yaml.safe_dump(job, allow_unicode=True))
     return path
+
+
+if __name__ == "__main__":  # python bench/_keywords.py OUT.parquet ROWS REPEATED
+    import sys
+
+    write_input(Path(sys.argv[1]), keywords(int(sys.argv[2]), float(sys.argv[3])))

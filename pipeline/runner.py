@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -283,9 +284,10 @@ def label_chunk(
 ) -> tuple[pa.Table, ChunkStats]:
     """Label one chunk of input rows: the output table (same rows, same order) and its stats.
 
-    Rows with the same normalised text are asked once; texts answered in earlier runs (or earlier
-    chunks) come from the cache; the rest go to the backend in one call, in first-seen order, so a
-    redone chunk is sent exactly as before. All of it works on whole columns.
+    Rows with the same normalised text are asked once; texts answered in earlier chunks (or, with
+    the result cache, earlier runs) come from ``cache``; the rest go to the backend in one call, in
+    first-seen order, so a redone chunk is sent exactly as before. All of it works on whole
+    columns.
     """
     pending = prepare_chunk(plan, backend, table, chunk, budget, previous)
     texts = pending.todo_texts()
@@ -297,8 +299,11 @@ def label_chunk(
     # A group is sent with its first row's own spelling. The cache is keyed by that exact text, so
     # a cached run answers exactly as an uncached one would.
     sent = texts.gather(first)
+    # The answer for a group's key (its normalised text) is asked once per store: the first
+    # spelling met is sent, and every spelling of the key, in any chunk, gets its answer.
+    keys = normalise_texts(sent, dedupe) if dedupe.enabled else sent
     if cache is not None:
-        hits, cached = cache.lookup(sent)
+        hits, cached = cache.lookup(keys)
     else:
         hits, cached = np.empty(0, dtype=np.int64), ANSWER_SCHEMA.empty_table()
     missing = np.ones(len(sent), dtype=bool)
@@ -309,7 +314,7 @@ def label_chunk(
         asked = sent.gather(ask)
         fresh = backend.answer(plan.prompt, asked, plan.task.constraint(), plan.max_tokens)
         if cache is not None:
-            cache.add(asked, fresh)
+            cache.add(keys.gather(ask), asked, fresh)
     order = np.empty(len(sent), dtype=np.int64)
     order[hits] = np.arange(len(hits))
     order[ask] = len(hits) + np.arange(len(ask))
@@ -323,15 +328,16 @@ def cache_namespace(plan: Plan) -> str:
     """Everything besides the text that decides an answer (see ``pipeline/cache.py``)."""
     c = plan.manifest["components"]
     parts = [c[k] for k in ("model", "prompt", "sampling", "engine") if k in c]
-    parts += [c.get("labels") or c.get("attributes"), plan.job.task]
+    parts += [c.get("labels") or c.get("attributes"), plan.job.task, plan.job.dedupe.model_dump()]
     return _digest(parts)
 
 
-def open_cache(plan: Plan) -> ResultCache | None:
+def open_cache(plan: Plan, folder: RunFolder) -> ResultCache:
+    """The shared result cache; with it off, the run's own store in its folder, so that each
+    distinct text is still asked once per run."""
     if not plan.job.cache.enabled:
-        return None
-    path = plan.job.cache.path or labelmill_home() / "cache"
-    return ResultCache(path, cache_namespace(plan))
+        return ResultCache(folder.answers, cache_namespace(plan))
+    return ResultCache(plan.job.cache.path or labelmill_home() / "cache", cache_namespace(plan))
 
 
 def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: pa.Table) -> pa.Table:
@@ -418,7 +424,7 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
             try:
                 if not plan.job.cache.enabled:
                     backend.start()  # no cache: every text goes to the model; fail early if it can't
-                cache = open_cache(plan)
+                cache = open_cache(plan, folder)
                 bar = Progress(plan.rows, done_rows, progress)
                 budget = text_budget(plan, backend)
                 totals = _count(finished.values())
@@ -441,10 +447,13 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
                 if bar is not None:
                     bar.close()
                 if cache is not None:
-                    cache.close()  # writes what is still in memory, so the stats count it
-                    cache_stats = cache.stats()
+                    cache.close()
+                    if plan.job.cache.enabled:
+                        cache_stats = cache.stats()
                 backend.close()
         summary = summarise(folder, plan.manifest)
+        if summary["complete"]:
+            shutil.rmtree(folder.answers, ignore_errors=True)  # the run's own store: done with
         wall = time.perf_counter() - started
         summary["this_invocation"] = {
             "rows_labelled": rows_now,

@@ -6,6 +6,8 @@
       parts/part-00012.parquet
       done/chunk-00012.json   marker, written only after its part is on disk
       summary.json        totals of the last invocation
+      answers/            the run's own answer store, when the shared result cache is off
+                          (see pipeline/cache.py); removed when the run is complete
       .lock               held (flock) by the running process
 
 A chunk counts as finished when its marker exists and its part file is there. A part without a
@@ -33,6 +35,7 @@ class RunFolder:
         self.root = Path(root)
         self.parts = self.root / "parts"
         self.markers = self.root / "done"
+        self.answers = self.root / "answers"
         self.manifest_path = self.root / "run.json"
         self.summary_path = self.root / "summary.json"
         self.job_path = self.root / "job.yaml"
@@ -91,7 +94,7 @@ class RunFolder:
     def prepare(self, manifest: dict, job_yaml: str, restart: bool) -> None:
         """Start a new run, or check that the one on disk is the same job. Call under ``lock``."""
         if restart:
-            for path in (self.parts, self.markers):
+            for path in (self.parts, self.markers, self.answers):
                 shutil.rmtree(path, ignore_errors=True)
             for path in (self.manifest_path, self.summary_path):
                 path.unlink(missing_ok=True)

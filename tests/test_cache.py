@@ -1,4 +1,4 @@
-"""The on-disk result cache on its own: lookups, crash safety, shared hashes, merging."""
+"""The on-disk answer store on its own: lookups, crash safety, shared hashes, merging."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _series(texts):
 def test_stored_answers_come_back_whole_and_in_order(tmp_path):
     cache = ResultCache(tmp_path, "ns")
     texts = ["zielona herbata", "kawa ziarnista", "buty do biegania"]
-    cache.add(_series(texts), _answers(texts))
+    cache.add(_series(texts), _series(texts), _answers(texts))
     hits, answers = cache.lookup(_series(["nowe", "buty do biegania", "zielona herbata"]))
     assert hits.tolist() == [1, 2]
     assert answers.schema == ANSWER_SCHEMA
@@ -41,7 +41,7 @@ def test_stored_answers_come_back_whole_and_in_order(tmp_path):
 
 def test_answers_outlive_the_process_and_failed_ones_are_not_kept(tmp_path):
     cache = ResultCache(tmp_path, "ns")
-    cache.add(_series(["a", "b", "c"]), _answers(["a", "b", "c"], error_at={1}))
+    cache.add(_series(["a", "b", "c"]), _series(["a", "b", "c"]), _answers(["a", "b", "c"], error_at={1}))
     cache.close()
     again = ResultCache(tmp_path, "ns")
     hits, _ = again.lookup(_series(["a", "b", "c"]))
@@ -50,36 +50,80 @@ def test_answers_outlive_the_process_and_failed_ones_are_not_kept(tmp_path):
 
 
 def test_texts_sharing_a_hash_are_told_apart_by_their_text(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "text_hashes", lambda texts: np.zeros(len(texts), dtype=np.uint64))
+    monkeypatch.setattr(cache_module, "key_hashes", lambda texts: np.zeros(len(texts), dtype=np.uint64))
     cache = ResultCache(tmp_path, "ns")
-    cache.add(_series(["a", "b"]), _answers(["a", "b"]))
-    cache.add(_series(["c"]), _answers(["c"]))
+    cache.add(_series(["a", "b"]), _series(["a", "b"]), _answers(["a", "b"]))
+    cache.add(_series(["c"]), _series(["c"]), _answers(["c"]))
     hits, answers = cache.lookup(_series(["c", "x", "a", "b"]))
     assert hits.tolist() == [0, 2, 3]
     assert answers.column("text").to_pylist() == ["label of c", "label of a", "label of b"]
 
 
-def test_a_crash_keeps_what_was_written_and_ignores_half_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "_FLUSH_ROWS", 2)
+def test_a_crash_keeps_every_added_answer_and_ignores_half_written_batches(tmp_path):
     cache = ResultCache(tmp_path, "ns")
-    cache.add(_series(["a", "b"]), _answers(["a", "b"]))  # reaches the flush size: written
-    cache.add(_series(["c"]), _answers(["c"]))  # held in memory, then the process "dies"
-    (tmp_path / "ns" / ".seg-99-1.arrow.tmp").write_bytes(b"ARROW1 half a file")
-    (tmp_path / "ns" / "seg-99-1.arrow").write_bytes(b"not arrow at all")
+    cache.add(_series(["a", "b"]), _series(["A", "b"]), _answers(["a", "b"]))
+    cache.add(_series(["c"]), _series(["c"]), _answers(["c"]))
+    # the process dies here, without close(); a crash also cut off a later batch half way
+    (path,) = (tmp_path / "ns").glob("seg-*.arrows")
+    whole = path.read_bytes()
+    with path.open("ab") as fh:
+        fh.write(whole[len(whole) // 2 :][:300])
+    (tmp_path / "ns" / "seg-99-1.arrows").write_bytes(b"not arrow at all")
     after = ResultCache(tmp_path, "ns")
-    assert after.lookup(_series(["a", "b", "c"]))[0].tolist() == [0, 1]
+    hits, answers = after.lookup(_series(["a", "b", "c", "d"]))
+    assert hits.tolist() == [0, 1, 2] and len(after) == 3
+    assert answers.column("text").to_pylist() == ["label of a", "label of b", "label of c"]
 
 
-def test_many_segments_are_merged_without_losing_an_answer(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "_FLUSH_ROWS", 1)
+def test_files_are_closed_and_mapped_as_they_fill(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "_FILE_ROWS", 2)
+    cache = ResultCache(tmp_path, "ns")
+    for batch in (["a", "b"], ["c"], ["d", "e"]):
+        cache.add(_series(batch), _series(batch), _answers(batch))
+    assert len(list((tmp_path / "ns").glob("seg-*.arrows"))) == 2  # [a b] and [c][d e]
+    assert all(m is not None for m in cache._mappings)  # read from the files, not held in memory
+    hits, answers = cache.lookup(_series(["e", "a", "c"]))
+    assert hits.tolist() == [0, 1, 2]
+    assert answers.column("text").to_pylist() == ["label of e", "label of a", "label of c"]
+    assert len(ResultCache(tmp_path, "ns")) == 5
+
+
+def test_a_merge_leaves_a_file_that_is_being_written_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "_FILE_ROWS", 1)
+    monkeypatch.setattr(cache_module, "_MERGE_ABOVE", 2)
+    writer = ResultCache(tmp_path, "ns")
+    monkeypatch.setattr(cache_module, "_FILE_ROWS", 100)
+    writer.add(_series(["still open"]), _series(["still open"]), _answers(["still open"]))  # holds its file
+    monkeypatch.setattr(cache_module, "_FILE_ROWS", 1)
+    other = ResultCache(tmp_path, "ns")
+    for t in ("x", "y", "z"):
+        other.add(_series([t]), _series([t]), _answers([t]))
+    other.close()
+    files = list((tmp_path / "ns").glob("seg-*.arrows"))
+    assert len(files) == 2 and sum("merged" in f.name for f in files) == 1
+    writer.add(_series(["later"]), _series(["later"]), _answers(["later"]))
+    writer.close()
+    assert ResultCache(tmp_path, "ns").lookup(_series(["x", "y", "z", "still open", "later"]))[
+        0
+    ].tolist() == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_many_files_are_merged_without_losing_an_answer(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "_FILE_ROWS", 1)
     monkeypatch.setattr(cache_module, "_MERGE_ABOVE", 3)
     cache = ResultCache(tmp_path, "ns")
     texts = [f"text {i}" for i in range(6)]
     for t in texts:
-        cache.add(_series([t]), _answers([t]))
-    assert len(list((tmp_path / "ns").glob("seg-*.arrow"))) == 6
+        cache.add(_series([t]), _series([t]), _answers([t]))
+    assert len(list((tmp_path / "ns").glob("seg-*.arrows"))) == 6
     cache.close()
-    assert len(list((tmp_path / "ns").glob("seg-*.arrow"))) == 1
+    assert len(list((tmp_path / "ns").glob("seg-*.arrows"))) == 1
     again = ResultCache(tmp_path, "ns")
     hits, answers = again.lookup(_series(texts[::-1]))
     assert hits.tolist() == list(range(6))
@@ -91,7 +135,7 @@ def test_lookups_see_answers_added_in_the_same_run(tmp_path):
     cache = ResultCache(tmp_path, "ns")
     for n in range(5):
         batch = [f"row {n}-{i}" for i in range(100)]
-        cache.add(_series(batch), _answers(batch))
+        cache.add(_series(batch), _series(batch), _answers(batch))
     probe = [f"row {n}-{i}" for n in range(5) for i in (0, 99)] + ["row 9-9"]
     assert cache.lookup(_series(probe))[0].tolist() == list(range(10))
 

@@ -8,11 +8,13 @@ from click.testing import CliRunner
 
 from pipeline.backends.base import Backend
 from pipeline.backends.fake import FakeBackend
+from pipeline.cache import ResultCache
 from pipeline.cli import main
 from pipeline.config import DedupeConfig, load_job
 from pipeline.dedupe import normalise
 from pipeline.errors import JobChangedError
 from pipeline.runner import run
+from pipeline.state import RunFolder
 
 
 @pytest.fixture
@@ -179,10 +181,46 @@ def test_group_rows_numbers_groups_by_first_appearance():
     assert first.tolist() == [0, 1, 3] and group.tolist() == [0, 1, 0, 2, 1, 0]
 
 
-def test_the_same_text_in_a_later_chunk_comes_from_the_cache(make_job, calls):
-    titles = ["Green Tea", "Coffee", "Vitamin C", "Green Tea", "coffee", "Coffee"]
-    summary = _run(make_job(_table(titles), chunk_rows=3))
-    # chunk 2: "Green Tea" was answered in chunk 1; "coffee" is another text, sent once for
-    # itself and for "Coffee", which follows it in that chunk
-    assert [c.split(": ", 1)[1] for c in calls] == ["Green Tea", "Coffee", "Vitamin C", "coffee"]
-    assert (summary["model_calls"], summary["cache_hits"], summary["duplicates"]) == (4, 1, 1)
+@pytest.mark.parametrize("cache", [{"enabled": True}, {"enabled": False}])
+def test_a_text_is_asked_once_per_run_however_far_apart_its_rows(make_job, read_parts, calls, cache):
+    titles = ["Green Tea", "Coffee", "Vitamin C", "Green Tea", "coffee", "COFFEE  "]
+    job_files = make_job(_table(titles), chunk_rows=3, cache=cache)
+    summary = _run(job_files)
+    # chunk 2 has two keys, "green tea" and "coffee", both answered in chunk 1 (with the shared
+    # cache, or the run's own store when the cache is off)
+    assert [c.split(": ", 1)[1] for c in calls] == ["Green Tea", "Coffee", "Vitamin C"]
+    assert (summary["model_calls"], summary["cache_hits"], summary["duplicates"]) == (3, 2, 1)
+    labels = read_parts(job_files.output).column("label").to_pylist()
+    assert labels[3] == labels[0] and labels[1] == labels[4] == labels[5]
+    assert not (job_files.output / "answers").exists()  # the run's own store goes once it is complete
+
+
+def test_a_resumed_run_answers_as_an_uninterrupted_one(make_job, read_parts, calls, monkeypatch):
+    """The run's own store is on disk before a chunk is marked done, so after a crash the later
+    spellings of a text still get the answer its first spelling got."""
+    titles = ["Green Tea", "Coffee", "GREEN TEA", "coffee", "green  tea", "Vitamin"]
+    whole = make_job(_table(titles), name="whole", chunk_rows=2, cache={"enabled": False})
+    _run(whole)
+    crashed = make_job(_table(titles), name="crashed", chunk_rows=2, cache={"enabled": False})
+    real_commit = RunFolder.commit
+
+    def commit(self, chunk, table, marker):
+        if chunk == 1:
+            raise KeyboardInterrupt  # dies before chunk 1 is marked done
+        real_commit(self, chunk, table, marker)
+
+    real_close = ResultCache.close
+    monkeypatch.setattr(RunFolder, "commit", commit)
+    monkeypatch.setattr(ResultCache, "close", lambda self: None)  # a killed process closes nothing
+    with pytest.raises(KeyboardInterrupt):
+        _run(crashed)
+    monkeypatch.setattr(RunFolder, "commit", real_commit)
+    monkeypatch.setattr(ResultCache, "close", real_close)
+    calls.clear()
+    _run(crashed)
+    assert [c.split(": ", 1)[1] for c in calls] == ["Vitamin"]
+    cols = ["id", "label", "confidence", "status"]
+    assert (
+        read_parts(crashed.output).select(cols).to_pylist()
+        == read_parts(whole.output).select(cols).to_pylist()
+    )

@@ -191,3 +191,12 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(workdir, uninterrupte
     )
     for a, b in confidences:
         assert (a is None and b is None) or abs(a - b) < 1e-3
+
+
+def test_the_shared_prompt_prefix_comes_from_vllms_prefix_cache(uninterrupted):
+    # Every prompt starts with the same instructions and labels: after the first row of a batch,
+    # vLLM serves them from its prefix cache, and each row reports how many tokens that saved.
+    rows = [r for r in uninterrupted.to_pylist() if r["status"] in {"ok", "truncated"}]
+    cached = [r["cached_tokens"] for r in rows]
+    assert all(c is not None and 0 <= c < r["prompt_tokens"] for c, r in zip(cached, rows, strict=True))
+    assert sum(c > 0 for c in cached) >= len(rows) // 2

@@ -172,6 +172,8 @@ class VllmBackend(Backend):
                     prompt_tokens=len(out.prompt_token_ids or []),
                     output_tokens=len(c.token_ids),
                     finish_reason=c.finish_reason,
+                    # prompt tokens served from vLLM's prefix cache (None where vLLM doesn't say)
+                    cached_tokens=getattr(out, "num_cached_tokens", None),
                 )
             )
         return results
