@@ -67,9 +67,14 @@ def key_hashes(keys: pl.Series) -> np.ndarray:
 
 
 class ResultCache:
-    def __init__(self, root: str | Path, namespace: str) -> None:
+    def __init__(self, root: str | Path, namespace: str, within_run: bool = True) -> None:
+        """``within_run``: lookups also find answers added since the store was opened (a text is
+        asked once per run); off, they find only earlier runs' answers, and new ones are kept for
+        later runs."""
         self.root = Path(root)
         self.namespace = namespace
+        self.within_run = within_run
+        self._file_rows = 0
         self.folder = self.root / namespace
         self._segments: list[pa.Table] = []
         self._mappings: list[mmap.mmap | None] = []
@@ -145,10 +150,12 @@ class ResultCache:
             raise OutputError(
                 f"cannot write the result store {self.folder}: {exc}", hint="use --no-cache"
             ) from None
-        if self._unmapped is None:
-            self._unmapped = len(self._segments)
-        self._add_segment(table)
-        if self._entries - self._starts[self._unmapped] >= _FILE_ROWS:
+        self._file_rows += table.num_rows
+        if self.within_run:
+            if self._unmapped is None:
+                self._unmapped = len(self._segments)
+            self._add_segment(table)
+        if self._file_rows >= _FILE_ROWS:
             self._close_file()
 
     def stats(self) -> dict:
@@ -187,6 +194,7 @@ class ResultCache:
         self._file = self._path.open("xb")
         fcntl.flock(self._file, fcntl.LOCK_EX)  # tells a merging run to leave this file alone
         self._writer = pa.ipc.new_stream(self._file, ENTRY_SCHEMA)
+        self._file_rows = 0
 
     def _close_file(self) -> None:
         """End the open file and read its answers back mapped, in place of the in-memory copies."""
@@ -199,8 +207,10 @@ class ResultCache:
         os.fsync(handle.fileno())
         handle.close()
         first, self._unmapped = self._unmapped, None
+        if first is None:
+            return  # nothing of this file is held in memory
         mapped = _map_file(path)
-        held = self._segments[first:] if first is not None else []
+        held = self._segments[first:]
         if [t.num_rows for t, _ in mapped] != [t.num_rows for t in held]:
             return  # keep the in-memory copies; the file is read whole next time
         # the same entries, numbered the same, now read from the disk instead of held in memory
@@ -232,10 +242,15 @@ class ResultCache:
         segment = np.searchsorted(np.asarray(self._starts), entries, side="right") - 1
         order = np.argsort(segment, kind="stable")
         parts, bounds = [], np.flatnonzero(np.diff(segment[order])) + 1
-        for run in np.split(order, bounds):
+        runs = np.split(order, bounds)
+        for n, run in enumerate(runs):
             s = segment[run[0]]
             rows = pa.array(entries[run] - self._starts[s])
             parts.append(self._segments[s].select(columns).take(rows))
+            mapping = self._mappings[s]
+            following = segment[runs[n + 1][0]] if n + 1 < len(runs) else None
+            if mapping is not None and (following is None or self._mappings[following] is not mapping):
+                mapping.madvise(mmap.MADV_DONTNEED)  # done with this file for now: see _release
         taken = pa.concat_tables(parts).combine_chunks()
         return taken.take(pa.array(np.argsort(order)))
 

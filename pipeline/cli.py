@@ -53,7 +53,11 @@ def main() -> None:
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--restart", is_flag=True, help="Delete this run folder's finished parts and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Neither read nor write the shared result cache; the run still asks each distinct text once.",
+)
 @_domain_errors
 def run(job_file: str, restart: bool, quiet: bool, no_cache: bool) -> None:
     """Run a job; rerunning the same command resumes where it stopped."""

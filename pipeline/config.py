@@ -122,7 +122,8 @@ class CacheConfig(_Strict):
     """The result cache shared by runs (see ``pipeline/cache.py``)."""
 
     enabled: bool = True
-    """Reuse answers to texts already answered by the same model, prompt, labels and sampling."""
+    """Reuse answers to texts already answered by the same model, prompt, labels and sampling.
+    Off, the run keeps its answers in its own folder (``answers/``) until it is complete."""
     path: str | None = None
     """Cache folder. None: ``$LABELMILL_HOME/cache``."""
 

@@ -1,9 +1,9 @@
 """Text normalisation for matching rows that ask the same question, and grouping rows by it.
 
 Within a chunk, rows whose normalised text is equal are sent to the model once and the answer is
-copied to each of them (every row stays in the output). Across chunks and runs the result cache
-does the same for texts sent before (keyed by the exact text sent). What counts as equal within a
-chunk is the job's ``dedupe`` setting (``enabled: false``: every row is sent):
+copied to each of them (every row stays in the output). Across chunks and runs the answer store
+does the same, keyed by the normalised text (``pipeline/cache.py``). What counts as equal is the
+job's ``dedupe`` setting (``enabled: false``: none are; every row of a run is sent):
 
     nfc                  Unicode NFC, so "é" typed as e + combining accent equals the single "é"
     casefold             case-insensitive, Unicode-aware ("Straße" == "STRASSE")

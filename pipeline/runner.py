@@ -332,12 +332,15 @@ def cache_namespace(plan: Plan) -> str:
     return _digest(parts)
 
 
-def open_cache(plan: Plan, folder: RunFolder) -> ResultCache:
-    """The shared result cache; with it off, the run's own store in its folder, so that each
-    distinct text is still asked once per run."""
-    if not plan.job.cache.enabled:
-        return ResultCache(folder.answers, cache_namespace(plan))
-    return ResultCache(plan.job.cache.path or labelmill_home() / "cache", cache_namespace(plan))
+def open_cache(plan: Plan, folder: RunFolder) -> ResultCache | None:
+    """Where answers are shared: the result cache; with it off, the run's own store in its folder,
+    so each distinct text is still asked once per run. With ``dedupe`` off, rows share nothing
+    within a run: every row is sent, and the cache only offers earlier runs' answers."""
+    job = plan.job
+    if job.cache.enabled:
+        root = job.cache.path or labelmill_home() / "cache"
+        return ResultCache(root, cache_namespace(plan), within_run=job.dedupe.enabled)
+    return ResultCache(folder.answers, cache_namespace(plan)) if job.dedupe.enabled else None
 
 
 def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: pa.Table) -> pa.Table:

@@ -155,3 +155,12 @@ def test_answers_table_round_trip():
     table = answers_table(completions)
     assert table.schema == ANSWER_SCHEMA and table_completions(table) == completions
     assert answers_table([]).num_rows == 0 and isinstance(answers_table([]), pa.Table)
+
+
+def test_a_store_that_keeps_answers_for_later_runs_only(tmp_path):
+    ResultCache(tmp_path, "ns").add(_series(["old"]), _series(["old"]), _answers(["old"]))
+    store = ResultCache(tmp_path, "ns", within_run=False)
+    store.add(_series(["new"]), _series(["new"]), _answers(["new"]))
+    assert store.lookup(_series(["old", "new"]))[0].tolist() == [0]  # this run's answers: not offered
+    store.close()
+    assert ResultCache(tmp_path, "ns").lookup(_series(["old", "new"]))[0].tolist() == [0, 1]
