@@ -291,17 +291,15 @@ def label_chunk(
     """
     pending = prepare_chunk(plan, backend, table, chunk, budget, previous)
     texts = pending.todo_texts()
-    dedupe = plan.job.dedupe
-    if dedupe.enabled and len(texts):
-        first, group = group_rows(normalise_texts(texts, dedupe))
+    if plan.job.dedupe.enabled:
+        normalised = normalise_texts(texts, plan.job.dedupe)
+        first, group = group_rows(normalised)
     else:
+        normalised = texts
         first = group = np.arange(len(texts), dtype=np.int64)
-    # A group is sent with its first row's own spelling. The cache is keyed by that exact text, so
-    # a cached run answers exactly as an uncached one would.
-    sent = texts.gather(first)
-    # The answer for a group's key (its normalised text) is asked once per store: the first
-    # spelling met is sent, and every spelling of the key, in any chunk, gets its answer.
-    keys = normalise_texts(sent, dedupe) if dedupe.enabled else sent
+    # A group's key is its normalised text. Each key is asked once per store: the first spelling
+    # met is sent, and every spelling of the key, in any chunk, gets its answer.
+    sent, keys = texts.gather(first), normalised.gather(first)
     if cache is not None:
         hits, cached = cache.lookup(keys)
     else:
