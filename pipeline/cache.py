@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import mmap
 import os
 import shutil
@@ -47,6 +48,7 @@ import pyarrow.compute as pc
 
 from pipeline.backends.base import ANSWER_SCHEMA
 from pipeline.errors import OutputError
+from pipeline.io import write_text_atomic
 
 ENTRY_SCHEMA = pa.schema(
     [pa.field("key", pa.string()), pa.field("sent", pa.string())]
@@ -67,10 +69,13 @@ def key_hashes(keys: pl.Series) -> np.ndarray:
 
 
 class ResultCache:
-    def __init__(self, root: str | Path, namespace: str, within_run: bool = True) -> None:
+    def __init__(
+        self, root: str | Path, namespace: str, within_run: bool = True, about: dict | None = None
+    ) -> None:
         """``within_run``: lookups also find answers added since the store was opened (a text is
         asked once per run); off, they find only earlier runs' answers, and new ones are kept for
-        later runs."""
+        later runs. ``about``: what the namespace holds answers of (model, prompt, task), kept in
+        its ``about.json`` for ``labelmill cache info``."""
         self.root = Path(root)
         self.namespace = namespace
         self.within_run = within_run
@@ -89,6 +94,8 @@ class ResultCache:
         """Index of the first segment held in memory (written to the open file, not mapped yet)."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            if about is not None and not (self.folder / "about.json").exists():
+                write_text_atomic(json.dumps(about, indent=2, ensure_ascii=False), self.folder / "about.json")
             for path in sorted(self.folder.glob("seg-*.arrows")):
                 for table, mapping in _map_file(path):
                     self._add_segment(table, mapping)
@@ -253,6 +260,25 @@ class ResultCache:
                 mapping.madvise(mmap.MADV_DONTNEED)  # done with this file for now: see _release
         taken = pa.concat_tables(parts).combine_chunks()
         return taken.take(pa.array(np.argsort(order)))
+
+
+def describe_stores(root: str | Path) -> list[dict]:
+    """Every namespace under a store's root: what it holds answers of, how many, and their size."""
+    found = []
+    for folder in sorted(p for p in Path(root).glob("*") if p.is_dir()):
+        files = sorted(folder.glob("seg-*.arrows"))
+        about = folder / "about.json"
+        found.append(
+            {
+                "namespace": folder.name,
+                "entries": sum(t.num_rows for f in files for t, _ in _map_file(f)),
+                "bytes": sum(f.stat().st_size for f in files),
+                "files": len(files),
+                "last_written": max((f.stat().st_mtime for f in files), default=None),
+                "about": json.loads(about.read_text(encoding="utf-8")) if about.exists() else {},
+            }
+        )
+    return found
 
 
 def _map_file(path: Path) -> list[tuple[pa.Table, mmap.mmap]]:

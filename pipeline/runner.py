@@ -336,9 +336,21 @@ def open_cache(plan: Plan, folder: RunFolder) -> ResultCache | None:
     within a run: every row is sent, and the cache only offers earlier runs' answers."""
     job = plan.job
     if job.cache.enabled:
-        root = job.cache.path or labelmill_home() / "cache"
-        return ResultCache(root, cache_namespace(plan), within_run=job.dedupe.enabled)
+        about = {
+            "task": job.task,
+            "model": job.model,
+            "backend": job.backend,
+            "prompt": job.prompt,
+            "first_job_output": job.output,
+            "created_at": _now(),
+        }
+        root = cache_root(job)
+        return ResultCache(root, cache_namespace(plan), within_run=job.dedupe.enabled, about=about)
     return ResultCache(folder.answers, cache_namespace(plan)) if job.dedupe.enabled else None
+
+
+def cache_root(job: JobConfig) -> Path:
+    return Path(job.cache.path) if job.cache.path else labelmill_home() / "cache"
 
 
 def _output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: pa.Table) -> pa.Table:

