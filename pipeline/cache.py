@@ -37,7 +37,6 @@ import fcntl
 import json
 import mmap
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -131,8 +130,7 @@ class ResultCache:
             open_ = open_[~equal]
             position[open_] += 1
         hits = np.flatnonzero(found >= 0)
-        answers = self._take(found[hits], _ANSWER_FIELDS)
-        self._release()
+        answers = self._take(found[hits], _ANSWER_FIELDS)  # _take hands back what it touched
         answers = answers.append_column("error", pa.nulls(len(hits), pa.string()))
         return hits, answers.select([f.name for f in ANSWER_SCHEMA]).cast(ANSWER_SCHEMA)
 
@@ -167,15 +165,12 @@ class ResultCache:
 
     def stats(self) -> dict:
         """Entries and bytes on disk: the whole store, and this job's namespace."""
-        entries = size = 0
-        for path in self.root.glob("*/seg-*.arrows"):
-            entries += sum(t.num_rows for t, _ in _map_file(path))
-            size += path.stat().st_size
+        stores = describe_stores(self.root)
         return {
             "path": str(self.root),
-            "entries": entries,
+            "entries": sum(s["entries"] for s in stores),
             "entries_for_this_job": self._entries,
-            "bytes": size,
+            "bytes": sum(s["bytes"] for s in stores),
         }
 
     def close(self) -> None:
@@ -190,11 +185,6 @@ class ResultCache:
                 _merge(self.folder, files)
         except OSError:
             pass  # merging is housekeeping; the next run tries again
-
-    def remove(self) -> None:
-        """Delete this namespace's answers (a run's own store, once the run is complete)."""
-        self.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
     def _open_file(self) -> None:
         self._path = self.folder / f"seg-{time.time_ns():020d}-{os.getpid()}.arrows"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -53,6 +54,12 @@ class RenderedPrompt:
             {"role": "system", "content": self.system},
             {"role": "user", "content": self.user_prefix + text + self.user_suffix},
         ]
+
+    def user_messages(self, texts: pl.Series) -> pl.Series:
+        """The user message of each text, as one column (what ``messages`` puts last)."""
+        return pl.select(
+            pl.concat_str([pl.lit(self.user_prefix), pl.lit(texts), pl.lit(self.user_suffix)])
+        ).to_series()
 
     @property
     def fingerprint(self) -> str:

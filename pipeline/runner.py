@@ -436,7 +436,7 @@ def run(job: JobConfig, restart: bool = False, progress: bool = True, log=print)
             cache = bar = None
             try:
                 if not plan.job.cache.enabled:
-                    backend.start()  # no cache: every text goes to the model; fail early if it can't
+                    backend.start()  # no earlier run's answers to use: fail early if it can't start
                 cache = open_cache(plan, folder)
                 bar = Progress(plan.rows, done_rows, progress)
                 budget = text_budget(plan, backend)

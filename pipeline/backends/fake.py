@@ -35,9 +35,7 @@ class FakeBackend(ByteTokens, Backend):
     name = "fake"
 
     def answer(self, prompt, texts: pl.Series, constraint: Constraint, max_tokens: int) -> pa.Table:
-        users = pl.select(
-            pl.concat_str([pl.lit(prompt.user_prefix), pl.lit(texts), pl.lit(prompt.user_suffix)])
-        ).to_series()
+        users = prompt.user_messages(texts)
         other = self._tokens(prompt.system) + 4 + 4  # the system message, and the user message's own 4
         return self._answers(users, np.full(len(users), other), constraint)
 
