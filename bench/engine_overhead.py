@@ -83,16 +83,7 @@ def through_labelmill(job_file: Path) -> dict:
 
 def engine_kwargs(job, model: str) -> dict:
     """``LLM(...)`` arguments exactly as ``pipeline/backends/vllm.py`` (VllmBackend.start) builds them."""
-    e = job.engine
-    kwargs = {
-        "model": model, "dtype": e.dtype, "max_model_len": e.max_model_len,
-        "gpu_memory_utilization": e.gpu_memory_utilization, "enforce_eager": e.enforce_eager,
-        "max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
-        "enable_prefix_caching": e.enable_prefix_caching, "tensor_parallel_size": e.tensor_parallel_size,
-        "quantization": e.quantization, "seed": e.seed, "trust_remote_code": e.trust_remote_code,
-        "load_format": e.load_format, "logprobs_mode": "processed_logprobs",
-    }  # fmt: skip
-    return {k: v for k, v in kwargs.items() if v is not None}
+    return {"model": model, **job.backend_settings.engine_kwargs(), "logprobs_mode": "processed_logprobs"}
 
 
 def bare_worker(job_file: Path, out: Path) -> None:
@@ -102,7 +93,7 @@ def bare_worker(job_file: Path, out: Path) -> None:
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pipeline.config import load_job
-    from pipeline.runner import plan_job
+    from pipeline.plan import plan_job
     from pipeline.text import row_texts
 
     job = load_job(job_file)
@@ -123,7 +114,7 @@ def bare_worker(job_file: Path, out: Path) -> None:
         temperature=s.temperature,
         top_p=s.top_p,
         seed=s.seed,
-        max_tokens=plan.max_tokens,
+        max_tokens=plan.request.max_tokens,
         logprobs=0,  # as labelmill: the chosen token's logprob, for the confidence column
         structured_outputs=StructuredOutputsParams(choice=list(labels)),
     )
@@ -138,7 +129,7 @@ def bare_worker(job_file: Path, out: Path) -> None:
         answer = o.outputs[0].text.strip()  # labelmill strips before it checks the label set
         label = answer if answer in labels else None
         rows.append({"id": row_id, "label": label, "prompt_tokens": len(o.prompt_token_ids or [])})
-    result = {"items": len(outputs), "seconds": seconds, "max_tokens": plan.max_tokens, "rows": rows}
+    result = {"items": len(outputs), "seconds": seconds, "max_tokens": plan.request.max_tokens, "rows": rows}
     out.write_text(json.dumps(result))
 
 

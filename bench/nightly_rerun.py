@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _keywords import keywords, write_input, write_job
 
-from pipeline.config import DedupeConfig
-from pipeline.dedupe import normalise_texts
+from pipeline.dedupe import DedupeConfig, normalise_texts
 
 
 def _run(job: Path) -> tuple[dict, float]:

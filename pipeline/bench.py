@@ -26,10 +26,14 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline import logs
 from pipeline.config import JobConfig
 from pipeline.costs import ApiPrice, GpuPrice, PriceTable, Projection, Sample, project
-from pipeline.errors import BackendUnavailableError, ConfigError
-from pipeline.runner import plan_job, run
+from pipeline.errors import ConfigError, MissingDependencyError
+from pipeline.plan import plan_job
+from pipeline.runner import run_job
+
+log = logs.get("bench")
 
 
 class PriceRef(BaseModel):
@@ -45,6 +49,13 @@ class Profile(BaseModel):
     job: dict[str, Any]
     """Job keys that replace the job's own."""
     price: PriceRef | None = None
+
+    def apply(self, job: JobConfig, sample: Path, output: Path, keep: list[str]) -> JobConfig:
+        """The job as this profile runs it on the sample. A profile that switches the backend
+        leaves the old backend's section behind (it is checked, and unused)."""
+        changes = {**self.job, "input": str(sample), "output": str(output), "keep_columns": keep}
+        changes["cache"] = {"enabled": False}  # measure the backend, not yesterday's answers
+        return job.with_changes(**changes)
 
     @property
     def price_ids(self) -> list[str]:
@@ -103,12 +114,14 @@ def bench(
     gold_column: str | None = None,
     price_apis: list[str] | None = None,
     seed: int = 0,
-    log=print,
+    charts: bool = True,
 ) -> dict:
-    if job.task != "classify" or job.labels_max:
+    if charts:
+        require_matplotlib()  # before an hour of runs, not after
+    if not plan_job(job, check_id_values=False).task.single_label:
         raise ConfigError(
-            "labelmill bench compares single-label classification jobs",
-            hint="for extraction, run each backend and compare them with labelmill eval",
+            "labelmill bench compares jobs that give one label per row",
+            hint="for extraction or multi-label jobs, run each backend and compare them with labelmill eval",
         )
     unknown = [b for b in backends if b not in profiles]
     if unknown:
@@ -122,18 +135,15 @@ def bench(
     keep = list(dict.fromkeys(job.keep_columns + ([gold_column] if gold_column else [])))
     sample_path = out_dir / "sample.parquet"
     n = sample_input(job, sample_rows, seed, sample_path, [gold_column] if gold_column else [])
-    log(f"sample: {n} rows -> {sample_path}")
+    log.info("sample: %d rows -> %s", n, sample_path)
 
     results: dict[str, dict] = {}
     labels: dict[str, list] = {}
     gold = None
     for name in backends:
-        overrides = {**profiles[name].job, "input": str(sample_path), "output": str(out_dir / "runs" / name)}
-        overrides["keep_columns"] = keep
-        overrides["cache"] = {"enabled": False}  # measure the backend, not yesterday's answers
-        run_job = JobConfig.model_validate({**job.model_dump(), **overrides})
-        log(f"[{name}] running {n} rows on {run_job.backend} / {run_job.model}")
-        summary = run(run_job, restart=True, progress=False, log=lambda m, _n=name: log(f"[{_n}] {m}"))
+        profile_job = profiles[name].apply(job, sample_path, out_dir / "runs" / name, keep)
+        log.info("[%s] running %d rows on %s / %s", name, n, profile_job.backend, profile_job.model)
+        summary = run_job(profile_job, restart=True)
         table = pq.read_table(sorted((out_dir / "runs" / name / "parts").glob("*.parquet")))
         labels[name] = [
             lab if st in ("ok", "truncated") else None
@@ -145,8 +155,8 @@ def bench(
             gold = table.column(gold_column).to_pylist()
         seconds = summary["labelling_seconds"]
         results[name] = {
-            "backend": run_job.backend,
-            "model": run_job.model,
+            "backend": profile_job.backend,
+            "model": profile_job.model,
             "rows": summary["rows_done"],
             "status_counts": summary["status_counts"],
             "input_tokens": summary["prompt_tokens"],
@@ -166,7 +176,7 @@ def bench(
             label = f"{name} (time x {price_id} $/h)" if isinstance(price, GpuPrice) else name
             projections.append(_row(label, project(measured, price, target_rows), estimate=False))
     reference = next(
-        (b for b in backends if results[b]["input_tokens"] and profiles[b].job.get("backend") != "fake"), None
+        (b for b in backends if results[b]["input_tokens"] and results[b]["backend"] != "fake"), None
     )
     if price_apis and reference:
         measured = _sample(results[reference])
@@ -206,10 +216,12 @@ def bench(
         "accuracy": {b: _accuracy(labels[b], gold) for b in backends} if gold is not None else None,
         "notes": notes,
     }
+    report["files"] = ["bench.md", "bench.json"] + (["bench.png"] if charts else [])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "bench.md").write_text(markdown(report))
-    chart(report, out_dir / "bench.png")
+    if charts:
+        chart(report, out_dir / "bench.png")
     return report
 
 
@@ -328,14 +340,20 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            "the bench chart needs matplotlib",
+            hint="pip install 'labelmill[bench]', or pass --no-charts for the report without it",
+        ) from None
+
+
 def chart(report: dict, path: Path) -> None:
     """Two bar charts a person can put on a slide: $ per 1M items, and hours for the projection."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise BackendUnavailableError(
-            "the bench chart needs matplotlib", hint="pip install 'labelmill[bench]'"
-        ) from None
+    require_matplotlib()
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -22,7 +22,7 @@ batch cut short by a crash is ignored when the file is read (every batch before 
 A file is closed once it holds about a million answers, then read back memory-mapped; a new one
 starts. Several runs may share a store: each writes its own files (locked while it writes) and sees
 those that existed when it opened the store, plus its own. When a namespace holds more than
-``_MERGE_ABOVE`` files, closing the store merges those nobody is writing.
+``MERGE_ABOVE`` files, closing the store merges those nobody is writing.
 
 The index, in memory, holds 8 bytes per entry: a 32-bit hash of the key and the entry's number,
 sorted. A hit is confirmed by comparing the stored key with the key asked, so two texts that share
@@ -45,7 +45,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.backends.base import ANSWER_SCHEMA
+from pipeline.contracts import ANSWER_SCHEMA
 from pipeline.errors import OutputError
 from pipeline.io import write_text_atomic
 
@@ -58,8 +58,10 @@ _ANSWER_FIELDS = [f.name for f in ENTRY_SCHEMA][2:]
 _SEED = 7
 _ID_BITS = 32
 _ID_MASK = np.uint64((1 << _ID_BITS) - 1)
-_FILE_ROWS = 1_000_000  # answers in a file before it is closed and mapped
-_MERGE_ABOVE = 32  # files in a namespace before closing the store merges them
+FILE_ROWS = 1_000_000
+"""Answers in a file before it is closed and mapped."""
+MERGE_ABOVE = 32
+"""Files in a namespace before closing the store merges them."""
 
 
 def key_hashes(keys: pl.Series) -> np.ndarray:
@@ -69,16 +71,29 @@ def key_hashes(keys: pl.Series) -> np.ndarray:
 
 class ResultCache:
     def __init__(
-        self, root: str | Path, namespace: str, within_run: bool = True, about: dict | None = None
+        self,
+        root: str | Path,
+        namespace: str,
+        within_run: bool = True,
+        about: dict | None = None,
+        *,
+        file_rows: int = FILE_ROWS,
+        merge_above: int = MERGE_ABOVE,
+        key_hash=key_hashes,
     ) -> None:
         """``within_run``: lookups also find answers added since the store was opened (a text is
         asked once per run); off, they find only earlier runs' answers, and new ones are kept for
         later runs. ``about``: what the namespace holds answers of (model, prompt, task), kept in
-        its ``about.json`` for ``labelmill cache info``."""
+        its ``about.json`` for ``labelmill cache info``. ``file_rows``, ``merge_above`` and
+        ``key_hash`` (keys -> 32-bit hashes as uint64) are the store's tuning, given for tests."""
         self.root = Path(root)
         self.namespace = namespace
         self.within_run = within_run
+        self.max_file_rows = file_rows
+        self.merge_above = merge_above
+        self.key_hash = key_hash
         self._file_rows = 0
+        self._closed = False
         self.folder = self.root / namespace
         self._segments: list[pa.Table] = []
         self._mappings: list[mmap.mmap | None] = []
@@ -112,7 +127,7 @@ class ResultCache:
         their answers (``ANSWER_SCHEMA``) in that order."""
         if not self._entries or not len(keys):
             return np.empty(0, dtype=np.int64), ANSWER_SCHEMA.empty_table()
-        hashes = key_hashes(keys)
+        hashes = self.key_hash(keys)
         position = np.searchsorted(self._index, hashes << np.uint64(_ID_BITS))
         found = np.full(len(keys), -1, dtype=np.int64)
         open_ = np.arange(len(keys))
@@ -160,7 +175,7 @@ class ResultCache:
             if self._unmapped is None:
                 self._unmapped = len(self._segments)
             self._add_segment(table)
-        if self._file_rows >= _FILE_ROWS:
+        if self._file_rows >= self.max_file_rows:
             self._close_file()
 
     def stats(self) -> dict:
@@ -174,15 +189,18 @@ class ResultCache:
         }
 
     def close(self) -> None:
-        """Finish the open file; merge the namespace's files when there are many."""
+        """Finish the open file; merge the namespace's files when there are many. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(OSError):  # every answer was flushed when it was added
             self._close_file()
         self._segments.clear()
         self._mappings.clear()
         try:
             files = sorted(self.folder.glob("seg-*.arrows"))
-            if len(files) > _MERGE_ABOVE:
-                _merge(self.folder, files)
+            if len(files) > self.merge_above:
+                _merge(self.folder, files, self.max_file_rows)
         except OSError:
             pass  # merging is housekeeping; the next run tries again
 
@@ -216,7 +234,7 @@ class ResultCache:
 
     def _add_segment(self, table: pa.Table, mapping: mmap.mmap | None = None) -> None:
         ids = np.arange(self._entries, self._entries + table.num_rows, dtype=np.uint64)
-        keys = (key_hashes(pl.Series(table.column("key"))) << np.uint64(_ID_BITS)) | ids
+        keys = (self.key_hash(pl.Series(table.column("key"))) << np.uint64(_ID_BITS)) | ids
         # Two sorted runs: a stable sort merges them in one pass.
         index = np.concatenate([self._index, np.sort(keys)])
         index.sort(kind="stable")
@@ -295,9 +313,9 @@ def _map_file(path: Path) -> list[tuple[pa.Table, mmap.mmap]]:
     return tables
 
 
-def _merge(folder: Path, files: list[Path]) -> None:
+def _merge(folder: Path, files: list[Path], batch_rows: int) -> None:
     """Write the answers of ``files`` nobody is writing into one new file, then drop them. Its
-    batches hold about ``_FILE_ROWS`` answers each, so a lookup visits few of them."""
+    batches hold about ``batch_rows`` answers each, so a lookup visits few of them."""
     with (folder / ".merge.lock").open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -317,7 +335,7 @@ def _merge(folder: Path, files: list[Path]) -> None:
                     handles.append(handle)
                     for table, _ in _map_file(path):
                         pending.append(table)
-                        if sum(t.num_rows for t in pending) >= _FILE_ROWS:
+                        if sum(t.num_rows for t in pending) >= batch_rows:
                             writer.write_table(pa.concat_tables(pending).combine_chunks())
                             pending = []
                     merged.append(path)

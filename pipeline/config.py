@@ -1,124 +1,45 @@
 """The job file: a typed model of ``jobs/*.yaml``.
 
+A job file is flat YAML, but three owners validate it:
+
+    the pipeline   input, output, columns, prompt, model, backend, sampling, dedupe, cache, chunking
+                   (declared here)
+    the task       its own top-level keys: ``labels``/``labels_file``/... for classify,
+                   ``attributes`` for extract (declared by the task's ``Settings``)
+    the backends   their sections: ``engine:`` (vllm), ``api:`` (openai), ``fake:`` (fake), each
+                   declared by the backend's ``Settings``
+
 Every field is documented where it is declared. Unknown keys are rejected with the key's name and
-the file, so a typo (``chunk_row:``) never silently falls back to a default. Relative paths are
-resolved against the current working directory, the way a shell user reads them.
+the file, so a typo (``chunk_row:``) never silently falls back to a default. A job may hold the
+sections of several backends (a bench profile switches between them); each is checked by its owner,
+and only the chosen backend's section is used. Relative paths are resolved against the current
+working directory, the way a shell user reads them.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from pipeline.errors import JobFileError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EngineConfig(_Strict):
-    """vLLM engine settings (``vllm.LLM(...)`` keyword arguments). Ignored by the fake backend."""
-
-    dtype: str = "auto"
-    """Weights and activations dtype: auto, bfloat16, float16, float32. On CPUs without native
-    bf16 instructions float32 is faster."""
-    max_model_len: int | None = Field(default=None, gt=0)
-    """Context length in tokens (prompt + answer). None = the model's own limit. Row text is
-    truncated to fit, and the row marked ``truncated``."""
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    """Fraction of accelerator memory vLLM may take; on the CPU backend, the fraction of RAM of one
-    NUMA node for the KV cache (0.3 is a safe value there)."""
-    enforce_eager: bool = False
-    """Skip torch.compile and CUDA graphs: faster start-up, slower decoding."""
-    max_num_seqs: int | None = Field(default=None, gt=0)
-    """Most sequences the engine schedules at once. None = vLLM's default."""
-    max_num_batched_tokens: int | None = Field(default=None, gt=0)
-    """Token budget of one engine step. None = vLLM's default."""
-    enable_prefix_caching: bool = True
-    """Reuse the KV cache of the shared prompt prefix (instructions + labels) across rows."""
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    """Number of GPUs one model is split over."""
-    quantization: str | None = None
-    """vLLM quantization method (awq, gptq, fp8, ...), None = as the checkpoint says."""
-    seed: int = 0
-    """Engine random seed (only matters when sampling is not greedy)."""
-    trust_remote_code: bool = False
-    """Allow a model's own Python code from its checkpoint to run."""
-    load_format: str | None = None
-    """vLLM weight loading (``auto``, ``safetensors``, ...). ``dummy`` gives random weights of the
-    checkpoint's shape: for throughput benchmarks only, never for labels."""
-
-    # Settings that can change what the model answers; the others only change speed or memory.
-    OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
-        "dtype",
-        "max_model_len",
-        "quantization",
-        "seed",
-        "load_format",
-    )
+from pipeline import plugins
+from pipeline.contracts import Options, Sampling
+from pipeline.dedupe import DedupeConfig
+from pipeline.errors import ConfigError, JobFileError
 
 
-class SamplingConfig(_Strict):
-    """How the answer is decoded. Greedy by default, so a rerun gives the same labels."""
-
-    temperature: float = Field(default=0.0, ge=0)
-    """0 = greedy (argmax at each step); above 0 samples from the label-constrained distribution."""
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, gt=0)
-    """Answer length cap. None = computed from the longest tokenised label, so no label is cut."""
-    seed: int | None = None
-    """Per-request seed for sampling (temperature > 0)."""
-
-
-class ApiConfig(_Strict):
-    """An OpenAI-compatible chat completions server (backend ``openai``)."""
-
-    base_url: str
-    """Up to and including ``/v1``, e.g. ``http://127.0.0.1:8000/v1`` or ``https://openrouter.ai/api/v1``."""
-    api_key_env: str | None = None
-    """Name of the environment variable that holds the API key (never the key itself). None: no key."""
-    max_concurrency: int = Field(default=16, ge=1, le=4096)
-    """Requests in flight at once."""
-    timeout_s: float = Field(default=60.0, gt=0)
-    """Seconds to wait for one answer before it counts as a failed attempt."""
-    max_retries: int = Field(default=5, ge=0, le=50)
-    """Retries of a request after 429, 5xx, timeouts, dropped connections or garbled answers."""
-    requests_per_minute: int | None = Field(default=None, gt=0)
-    tokens_per_minute: int | None = Field(default=None, gt=0)
-    """Client-side rate limits (estimated prompt tokens + answer budget per request)."""
-    constraint: Literal["choice", "json_schema", "none"] = "choice"
-    """How answers are held to the label set: ``choice`` (vLLM server's structured outputs),
-    ``json_schema`` (OpenAI-style ``response_format`` with an enum; no confidence), ``none``
-    (prompt only). Answers are validated against the labels in every case."""
-    logprobs: bool = True
-    """Ask for token logprobs, for the confidence column (servers that don't return them give null)."""
-    extra_body: dict[str, Any] = Field(default_factory=dict)
-    """Provider-specific fields merged into every request body."""
-
-    @field_validator("extra_body")
-    @classmethod
-    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key in value:
-            if any(word in key.lower() for word in ("key", "token", "secret", "authorization")):
-                raise ValueError(f"'{key}' looks like a credential; put it in an environment variable")
-        return value
-
-
-class DedupeConfig(_Strict):
-    """Which rows count as asking the same question (see ``pipeline/dedupe.py``)."""
-
-    enabled: bool = True
-    """Send each distinct (normalised) text of a chunk to the model once."""
-    nfc: bool = True
-    casefold: bool = True
-    collapse_whitespace: bool = True
-
-
-class CacheConfig(_Strict):
+class CacheConfig(Options):
     """The result cache shared by runs (see ``pipeline/cache.py``)."""
 
     enabled: bool = True
@@ -128,52 +49,8 @@ class CacheConfig(_Strict):
     """Cache folder. None: ``$LABELMILL_HOME/cache``."""
 
 
-class FakeConfig(_Strict):
-    """Settings of the ``fake`` test-double backend."""
-
-    seconds_per_row: float = Field(default=0.0, ge=0)
-    """Sleep this long per row, to make progress and crash tests observable."""
-
-
-class AttributeSpec(_Strict):
-    """One attribute of an ``extract`` job; it becomes one typed output column."""
-
-    name: str
-    """Column name and the JSON key the model fills: letters (any script, so ``kolor`` or
-    ``płeć``), digits and underscores, not starting with a digit."""
-    type: Literal["enum", "string", "number", "list[enum]"]
-    values: list[str] | None = None
-    """Allowed values, for ``enum`` and ``list[enum]`` (required there, refused elsewhere)."""
-    unit: str | None = None
-    """For ``number``: the unit the model must answer in (e.g. ``count``, ``oz``, ``ml``)."""
-    required: bool = False
-    """If true, an answer without this attribute is ``invalid``; otherwise it may be null."""
-    description: str = ""
-    """Shown to the model next to the name: what the attribute means."""
-
-    @field_validator("name")
-    @classmethod
-    def _identifier(cls, value: str) -> str:
-        if not value.isidentifier():
-            raise ValueError(f"attribute name {value!r}: use letters, digits and underscores only")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AttributeSpec:
-        has_values = self.type in ("enum", "list[enum]")
-        if has_values and not self.values:
-            raise ValueError(f"attribute '{self.name}' ({self.type}) needs a non-empty 'values' list")
-        if not has_values and self.values is not None:
-            raise ValueError(f"attribute '{self.name}' ({self.type}) takes no 'values'")
-        if self.values is not None and len(set(self.values)) != len(self.values):
-            raise ValueError(f"attribute '{self.name}' lists a value more than once")
-        if self.unit is not None and self.type != "number":
-            raise ValueError(f"attribute '{self.name}': 'unit' applies to numbers only")
-        return self
-
-
-class JobConfig(_Strict):
-    """One labelling job: which rows, which labels, which prompt, which model."""
+class JobConfig(Options):
+    """One labelling job: which rows, which task, which prompt, which model."""
 
     input: str
     """A Parquet file, a folder of Parquet files, or a glob (``data/*.parquet``)."""
@@ -188,87 +65,123 @@ class JobConfig(_Strict):
     empty text; a row whose fields are all null or blank is ``empty_input``."""
     keep_columns: list[str] = Field(default_factory=list)
     """Input columns copied to the output, types unchanged."""
-    task: Literal["classify", "extract"] = "classify"
-    """What to do with each row. ``classify``: pick a label from ``labels``; ``extract``: fill the
-    declared ``attributes``."""
-    labels: list[str] | None = None
-    """The label set. Give this or ``labels_file``."""
-    labels_file: str | None = None
-    """Labels from a file: one per line (``#`` comments allowed), or a Shopify taxonomy
-    ``categories.txt`` (``gid://... : A > B > C``), where each label is the full path."""
-    labels_max_depth: int | None = Field(default=None, ge=1)
-    """For taxonomy files: keep categories at most this deep (1 = top level only)."""
-    labels_max: int | None = Field(default=None, ge=2)
-    """Multi-label classification: up to this many labels per row (output column ``labels``)."""
-    attributes: list[AttributeSpec] | None = None
-    """For ``task: extract``: the attributes to fill, each an output column."""
+    task: str = "classify"
+    """What to do with each row: a registered task (``classify``: pick labels; ``extract``: fill
+    attributes; others from installed plugins). Its own keys sit beside these ones."""
     prompt: str
-    """Path to a prompt template (YAML) under ``prompts/``."""
+    """Path to a prompt template (YAML) under ``prompts/``, written for the job's task."""
     prompt_vars: dict[str, str] = Field(default_factory=dict)
     """Extra values for the template's own variables (e.g. ``shop: "a Polish pharmacy"``)."""
     model: str
     """A local checkpoint folder, a model alias from ``labelmill models list``, or a Hugging Face
     id (served from the local Hugging Face cache; nothing is downloaded by labelmill)."""
     backend: str = "vllm"
-    """``vllm`` (offline engine), ``openai`` (any OpenAI-compatible server, see ``api``) or ``fake``
-    (deterministic test double, never a quality claim)."""
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    fake: FakeConfig = Field(default_factory=FakeConfig)
+    """A registered backend: ``vllm`` (offline engine, settings in ``engine:``), ``openai`` (any
+    OpenAI-compatible server, settings in ``api:``) or ``fake`` (deterministic test double, never a
+    quality claim; settings in ``fake:``)."""
+    sampling: Sampling = Field(default_factory=Sampling)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    api: ApiConfig | None = None
-    """Server settings for ``backend: openai``."""
     chunk_rows: int = Field(default=50_000, gt=0)
     """Rows per chunk: the unit of reading, of one engine call, of one output part and of resume."""
     max_input_tokens: int | None = Field(default=None, gt=0)
     """Cap on a row's text length in tokens; longer text is cut and the row marked ``truncated``.
     The context length always applies as well."""
+    task_settings: SerializeAsAny[Options] = Field(default_factory=Options)
+    """The task's own keys, validated by the task (filled from the flat job file)."""
+    sections: SerializeAsAny[Options] = Field(default_factory=Options)
+    """The backend sections the file holds (at least the chosen backend's), each validated by
+    its backend."""
 
-    @field_validator("keep_columns")
+    @model_validator(mode="before")
     @classmethod
-    def _unique_keep(cls, value: list[str]) -> list[str]:
-        dupes = sorted({c for c in value if value.count(c) > 1})
-        if dupes:
-            raise ValueError(f"lists {dupes} more than once")
+    def _split_owners(cls, raw: Any) -> Any:
+        """Hand the task's keys and the backends' sections to their owners."""
+        if not isinstance(raw, dict) or "task_settings" in raw or "sections" in raw:
+            return raw
+        raw = dict(raw)
+        try:
+            own = set(plugins.task_class(raw.get("task", "classify")).Settings.model_fields)
+        except ConfigError:
+            # unknown task: its error is reported by the ``task`` field; keys of the known tasks
+            # are set aside so they don't add "unknown key" noise
+            own = set().union(*(keys for keys in _task_keys().values()))
+        raw["task_settings"] = {k: raw.pop(k) for k in list(raw) if k in own}
+        raw["sections"] = {k: raw.pop(k) for k in list(raw) if k in _section_owners()}
+        return raw
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        try:
+            plugins.task_class(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
         return value
 
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        from pipeline.backends import BACKENDS
-
-        if value not in BACKENDS:
-            raise ValueError(f"unknown backend {value!r}; known: {', '.join(sorted(BACKENDS))}")
+        try:
+            plugins.backend_class(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
         return value
 
+    @field_validator("task_settings", mode="before")
+    @classmethod
+    def _task_settings(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, Options) or "task" not in info.data:
+            return value if isinstance(value, Options) else Options()
+        return plugins.task_class(info.data["task"]).Settings.model_validate(value)
+
+    @field_validator("sections", mode="before")
+    @classmethod
+    def _sections(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, Options):
+            return value
+        value = dict(value or {})
+        backend = info.data.get("backend")
+        if backend is not None:
+            section = plugins.backend_class(backend).section
+            if section is not None:
+                value.setdefault(section, {})  # the chosen backend's defaults (or its missing keys)
+        return _sections_model().model_validate(value)
+
     @model_validator(mode="after")
-    def _one_of_each(self) -> JobConfig:
+    def _one_text_source(self) -> JobConfig:
         if (self.text_column is None) == (self.text_template is None):
             raise ValueError("give exactly one of 'text_column' or 'text_template'")
-        if self.task == "classify":
-            if (self.labels is None) == (self.labels_file is None):
-                raise ValueError("give exactly one of 'labels' or 'labels_file'")
-            if self.attributes is not None:
-                raise ValueError("'attributes' belong to task: extract")
-        else:
-            if not self.attributes:
-                raise ValueError("task: extract needs a non-empty 'attributes' list")
-            if self.labels is not None or self.labels_file is not None or self.labels_max is not None:
-                raise ValueError("task: extract takes 'attributes', not labels")
-            names = [a.name for a in self.attributes]
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise ValueError(f"attributes {dupes} are declared more than once")
-        if self.backend == "openai" and self.api is None:
-            raise ValueError("backend 'openai' needs an 'api:' section with at least base_url")
-        if self.labels_max_depth is not None and self.labels_file is None:
-            raise ValueError("'labels_max_depth' applies to 'labels_file' only")
+        dupes = sorted({c for c in self.keep_columns if self.keep_columns.count(c) > 1})
+        if dupes:
+            raise ValueError(f"keep_columns lists {dupes} more than once")
         return self
 
     @property
     def name(self) -> str:
         return Path(self.output).name
+
+    def section(self, name: str) -> Options | None:
+        """A backend section of the file, validated; None if the file has none."""
+        return getattr(self.sections, name, None)
+
+    @property
+    def backend_settings(self) -> Options:
+        """The chosen backend's own settings."""
+        section = plugins.backend_class(self.backend).section
+        found = self.section(section) if section else None
+        return found if found is not None else plugins.backend_class(self.backend).Settings()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as its flat file form (what ``job.yaml`` in a run folder holds)."""
+        data = self.model_dump(mode="json", exclude={"task_settings", "sections"})
+        data.update(self.task_settings.model_dump(mode="json"))
+        data.update({k: v for k, v in self.sections.model_dump(mode="json").items() if v is not None})
+        return data
+
+    def with_changes(self, **changes: Any) -> JobConfig:
+        """The same job with some top-level keys of the flat form replaced (validated again)."""
+        return JobConfig.model_validate({**self.to_dict(), **changes})
 
 
 def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
@@ -283,20 +196,75 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
     if not isinstance(raw, dict):
         raise JobFileError(f"{path} must hold a mapping of keys (input:, output:, ...)")
     raw.update(overrides or {})
+    return parse_job(raw, str(path))
+
+
+def parse_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
+    """Validate a job given as a mapping (the flat file form); ``source`` names it in errors."""
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
-        raise JobFileError(_explain(exc, path)) from None
+        raise JobFileError(_explain(exc, source, raw.get("task", "classify"))) from None
 
 
-def _explain(exc: ValidationError, path: Path) -> str:
-    lines = [f"{path}: {exc.error_count()} problem(s) in the job file"]
+def _explain(exc: ValidationError, source: str, task: str) -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s) in the job file"]
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = [str(p) for p in err["loc"]]
+        if loc[:1] in (["task_settings"], ["sections"]):
+            loc = loc[1:]  # the owners' keys are top-level keys of the file
+        where = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{where}' (check the spelling; see README for the keys)")
+            owner = _other_task(loc[0], task) if len(loc) == 1 else None
+            note = (
+                f"a key of task '{owner}', and this job's task is '{task}'"
+                if owner
+                else ("check the spelling; see README for the keys")
+            )
+            lines.append(f"  - unknown key '{where}' ({note})")
         elif err["type"] == "missing":
             lines.append(f"  - missing required key '{where}'")
         else:
-            lines.append(f"  - {where}: {err['msg']}")
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {where}: {message}")
     return "\n".join(lines)
+
+
+def _other_task(key: str, task: str) -> str | None:
+    return next((name for name, keys in _task_keys().items() if name != task and key in keys), None)
+
+
+def _task_keys() -> dict[str, set[str]]:
+    """Each loadable task's own keys (a plugin that fails to load is left out here)."""
+    found = {}
+    for name in plugins.names(plugins.TASKS):
+        try:
+            found[name] = set(plugins.task_class(name).Settings.model_fields)
+        except ConfigError:
+            continue
+    return found
+
+
+def _section_owners() -> dict[str, type]:
+    """Section name -> the backend class that owns it, over every loadable backend."""
+    owners = {}
+    for name in plugins.names(plugins.BACKENDS):
+        try:
+            cls = plugins.backend_class(name)
+        except ConfigError:
+            continue  # a broken plugin only matters to the jobs that choose it
+        if cls.section:
+            owners[cls.section] = cls
+    return owners
+
+
+def _sections_model() -> type[Options]:
+    return _sections_model_for(tuple(sorted((name, cls.Settings) for name, cls in _section_owners().items())))
+
+
+@cache
+def _sections_model_for(owners: tuple[tuple[str, type[Options]], ...]) -> type[Options]:
+    # One model with an optional field per section, so pydantic reports a bad key with its full
+    # path (``engine.dtyp``) and every problem of the file at once.
+    fields: dict[str, Any] = {name: (settings | None, None) for name, settings in owners}
+    return create_model("BackendSections", __base__=Options, **fields)

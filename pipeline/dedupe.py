@@ -27,7 +27,18 @@ from functools import cache
 import numpy as np
 import polars as pl
 
-from pipeline.config import DedupeConfig
+from pipeline.contracts import Options
+
+
+class DedupeConfig(Options):
+    """Which rows count as asking the same question: the job's ``dedupe:`` section."""
+
+    enabled: bool = True
+    """Send each distinct (normalised) text of a run to the model once."""
+    nfc: bool = True
+    casefold: bool = True
+    collapse_whitespace: bool = True
+
 
 # Code points below this hold every character with a canonical decomposition or a case folding.
 _SCAN_LIMIT = 0x30000

@@ -13,9 +13,11 @@
     │   ├── JobChangedError         the job's fingerprint differs from the one on disk
     │   └── RunLockedError          another process holds the run folder
     ├── BackendError                the model backend failed (exit 4)
-    │   ├── BackendUnavailableError its package is not installed
+    │   ├── BackendUnavailableError its package is not installed (also a MissingDependencyError)
     │   └── ModelNotFoundError      the model can't be found locally
-    └── OutputError                 a part file or marker could not be written (exit 5)
+    ├── OutputError                 a part file or marker could not be written (exit 5)
+    └── MissingDependencyError      an optional package is not installed (exit 7); the hint names
+                                    the pip install that fixes it
 
 Row-level problems (empty text, text too long, an answer outside the label set) are never
 exceptions: they become the row's ``status`` and ``error`` in the output, so no row disappears.
@@ -86,8 +88,15 @@ class BackendError(LabelmillError):
     exit_code = 4
 
 
-class BackendUnavailableError(BackendError):
-    pass
+class MissingDependencyError(LabelmillError):
+    """An optional package a command needs (matplotlib for charts, say) is not installed."""
+
+    exit_code = 7
+
+
+class BackendUnavailableError(BackendError, MissingDependencyError):
+    """The backend's engine package is missing: a backend failure (exit 4), and also a missing
+    dependency for code that catches those."""
 
 
 class ModelNotFoundError(BackendError):

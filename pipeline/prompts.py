@@ -16,7 +16,6 @@ import hashlib
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import polars as pl
 import yaml
@@ -33,7 +32,8 @@ class PromptTemplate(BaseModel):
     description: str = ""
     language: str = "en"
     """ISO 639-1 code of the prompt's language (en, pl, ...)."""
-    task: Literal["classify", "extract"] = "classify"
+    task: str = "classify"
+    """The task the template is written for (its variables are that task's)."""
     system: str
     """Instructions and the label list: the shared prefix."""
     user: str

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline import plugins
 from pipeline.config import JobConfig, load_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,27 @@ def _private_labelmill_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     """Every test gets its own LABELMILL_HOME, so no result cache is shared between tests (or with
     the user's). Subprocess tests of the real engine pass their own environment (engine_env)."""
     monkeypatch.setenv("LABELMILL_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def register_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``register_plugins(tasks={"name": "module:Class"}, backends={...})``: put a distribution on
+    ``sys.path`` whose entry points register them, exactly as an installed plugin package does."""
+
+    def register(tasks: dict[str, str] | None = None, backends: dict[str, str] | None = None) -> None:
+        site = tmp_path / "plugin-site"
+        dist = site / "labelmill_test_plugins-0.0.1.dist-info"
+        dist.mkdir(parents=True, exist_ok=True)
+        (dist / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: labelmill-test-plugins\nVersion: 0.0.1\n"
+        )
+        lines = []
+        for group, found in (("labelmill.tasks", tasks or {}), ("labelmill.backends", backends or {})):
+            if found:
+                lines += [f"[{group}]"] + [f"{name} = {target}" for name, target in found.items()]
+        (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
+        monkeypatch.syspath_prepend(str(site))
+        plugins.refresh()
+
+    yield register
+    plugins.refresh()

@@ -1,4 +1,8 @@
-"""Batch JSONL round trip: export, answer every request through a real HTTP server, import."""
+"""Batch JSONL: export, answer every request through a real HTTP server on loopback, import.
+
+Export and import go through the same chunk pipeline as a run: one request per distinct text the
+answer store does not hold, and an import fills duplicates and cache hits exactly as a run does.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,18 @@ import pytest
 from click.testing import CliRunner
 from fault_server import FaultServer
 
-from pipeline.batchfiles import export, import_results
+from pipeline.batchfiles import export_job, import_job
 from pipeline.cli import main
 from pipeline.config import load_job
 from pipeline.errors import ConfigError, InputFormatError
-from pipeline.runner import run
+from pipeline.runner import run_job
 
 KEY = "sk-batch-test-0b7e"
 ENV = "LABELMILL_BATCH_TEST_KEY"
+# 10 rows holding 4 distinct texts (after case and whitespace folding), and one empty row
+REPEATS = ["Green tea", "green  TEA", "Coffee beans", "Green tea", "Vitamin C", "COFFEE BEANS",
+           "", "Shoes", "shoes", "Vitamin  c", "Green Tea"]  # fmt: skip
+COLUMNS = ["id", "label", "confidence", "status", "error"]
 
 
 @pytest.fixture
@@ -28,120 +36,156 @@ def server(monkeypatch):
         yield srv
 
 
-def _job(make_job, server, name, titles, **api):
+def _job(make_job, server, name, titles, **keys):
     data = pa.table({"id": pa.array(range(len(titles)), pa.int64()), "title": titles})
-    return make_job(
-        data,
-        name=name,
-        backend="openai",
-        model="served-model",
-        keep_columns=["title"],
-        chunk_rows=4,
-        api={"base_url": server.base_url, "api_key_env": ENV, "max_retries": 0, **api},
-    )
+    api = {"base_url": server.base_url, "api_key_env": ENV, "max_retries": 0, **keys.pop("api", {})}
+    common = {"backend": "openai", "model": "served-model", "keep_columns": ["title"], "chunk_rows": 4}
+    return make_job(data, name=name, api=api, **common, **keys)
 
 
-def _answer_batch(server: FaultServer, request_files: list[Path], out: Path, skip: set[str]) -> Path:
+def _lines(folder: Path, result: dict) -> list[dict]:
+    return [json.loads(raw) for name in result["files"] for raw in (folder / name).read_text().splitlines()]
+
+
+def _text(request: dict) -> str:
+    return request["body"]["messages"][-1]["content"].split(": ", 1)[1]
+
+
+def _answer_batch(server: FaultServer, requests: list[dict], out: Path, skip=lambda r: False) -> Path:
     """What a batch runner does: send each request line, write OpenAI's result line format."""
     with out.open("w") as fh:
-        for path in request_files:
-            for raw in path.read_text().splitlines():
-                req = json.loads(raw)
-                if req["custom_id"] in skip:
-                    continue
-                resp = httpx.post(
-                    server.base_url.removesuffix("/v1") + req["url"],
-                    json=req["body"],
-                    headers={"Authorization": f"Bearer {KEY}"},
-                )
-                line = {
-                    "id": "batch_req_" + req["custom_id"],
-                    "custom_id": req["custom_id"],
-                    "response": {"status_code": resp.status_code, "request_id": "x", "body": resp.json()},
-                    "error": None,
-                }
-                fh.write(json.dumps(line) + "\n")
+        for req in requests:
+            if skip(req):
+                continue
+            resp = httpx.post(
+                server.base_url.removesuffix("/v1") + req["url"],
+                json=req["body"],
+                headers={"Authorization": f"Bearer {KEY}"},
+            )
+            line = {
+                "id": "batch_req_" + req["custom_id"],
+                "custom_id": req["custom_id"],
+                "response": {"status_code": resp.status_code, "request_id": "x", "body": resp.json()},
+                "error": None,
+            }
+            fh.write(json.dumps(line) + "\n")
     return out
 
 
-def test_round_trip_gives_the_labels_of_a_live_run(make_job, read_parts, server, tmp_path):
-    titles = [f"Green tea {i}" for i in range(9)] + ["", "OUTSIDE x"]
-    live = _job(make_job, server, "live", titles)
-    run(load_job(live.path), progress=False, log=lambda _m: None)
+def _rows(read_parts, job_files) -> list[dict]:
+    return read_parts(job_files.output).select(COLUMNS).to_pylist()
 
-    batch = _job(make_job, server, "batch", titles)
-    job = load_job(batch.path)
-    result = export(job, tmp_path / "requests", max_requests=4)
-    assert result["requests"] == 10  # the empty row needs no request
-    files = [tmp_path / "requests" / f for f in result["files"]]
-    assert len(files) == 3  # 4 + 4 + 2, split by max_requests
-    first = json.loads(files[0].read_text().splitlines()[0])
+
+def test_export_writes_one_request_per_distinct_text_and_import_equals_a_run(
+    make_job, read_parts, server, tmp_path
+):
+    live = _job(make_job, server, "live", REPEATS, cache={"enabled": False})
+    run_job(live.load())
+    assert server.requests == 4  # the run asked each distinct text once
+
+    batch = _job(make_job, server, "batch", REPEATS)
+    job = batch.load()
+    result = export_job(job, tmp_path / "requests")
+    requests = _lines(tmp_path / "requests", result)
+    assert result["requests"] == len(requests) == 4  # not 10: duplicates collapsed across chunks
+    assert result["rows_sharing_a_duplicate"] + result["texts_already_requested"] == 10 - 4
+    assert len({r["custom_id"] for r in requests}) == 4
+    sent = [_text(r) for r in requests]
+    assert sent == ["Green tea", "Coffee beans", "Vitamin C", "Shoes"]  # the first spelling met
+    first = requests[0]
     assert first["method"] == "POST" and first["url"] == "/v1/chat/completions"
     assert first["body"]["structured_outputs"] == {"choice": batch.spec["labels"]}
-    assert KEY not in "".join(f.read_text() for f in files)
+    assert KEY not in (tmp_path / "requests" / result["files"][0]).read_text()
+    assert json.loads((tmp_path / "requests" / "export.json").read_text())["requests"] == 4
 
-    answers = _answer_batch(server, files, tmp_path / "results.jsonl", skip={"c1-r2"})
-    summary = import_results(job, [str(answers)])
-    assert summary["import"]["rows_without_answer"] == 1
+    summary = import_job(job, [str(_answer_batch(server, requests, tmp_path / "results.jsonl"))])
+    assert summary["import"]["answers_used"] == 4 and summary["import"]["requests_without_answer"] == 0
+    assert (summary["model_calls"], summary["duplicates"] + summary["cache_hits"]) == (4, 6)
+    assert _rows(read_parts, batch) == _rows(read_parts, live)  # row for row, the run's output
 
-    got = read_parts(batch.output).to_pylist()
-    want = read_parts(live.output).to_pylist()
-    assert [r["id"] for r in got] == list(range(len(titles)))
-    skipped = 6  # chunk 1, row 2
-    for g, w in zip(got, want, strict=True):
-        if g["id"] == skipped:
-            assert g["status"] == "error" and "no answer" in g["error"]
-        else:
-            assert (g["label"], g["status"], g["confidence"]) == (w["label"], w["status"], w["confidence"])
-
-    # The row the batch missed goes through the live API on the next run of the same job.
-    again = run(job, progress=False, log=lambda _m: None)
-    assert again["status_counts"]["error"] == 0
-    fixed = {r["id"]: r for r in read_parts(batch.output).to_pylist()}
-    assert fixed[skipped]["label"] == {r["id"]: r for r in want}[skipped]["label"]
+    again = export_job(job, tmp_path / "again")
+    assert again["requests"] == 0 and again["files"] == []  # everything is answered now
+    after_run = export_job(_job(make_job, server, "later", [*REPEATS, "Tea bags"]).load(), tmp_path / "later")
+    assert after_run["requests"] == 1  # only the new text: the cache holds the rest
 
 
-def test_export_splits_by_size(make_job, server, tmp_path):
-    job = load_job(_job(make_job, server, "size", [f"Coffee beans {i}" for i in range(6)]).path)
-    result = export(job, tmp_path / "req", max_bytes=1)  # every line alone exceeds it
+def test_a_missing_answer_becomes_error_rows_that_the_next_run_fills(make_job, read_parts, server, tmp_path):
+    batch = _job(make_job, server, "batch", REPEATS)
+    job = batch.load()
+    requests = _lines(tmp_path / "req", export_job(job, tmp_path / "req"))
+    results = _answer_batch(server, requests, tmp_path / "r.jsonl", skip=lambda r: "Coffee" in _text(r))
+    summary = import_job(job, [str(results)])
+    assert summary["import"]["requests_without_answer"] == 1
+    rows = {r["id"]: r for r in _rows(read_parts, batch)}
+    coffee = [i for i, t in enumerate(REPEATS) if "coffee" in t.lower()]
+    assert all(rows[i]["status"] == "error" and "no answer" in rows[i]["error"] for i in coffee)
+    assert sum(r["status"] == "error" for r in rows.values()) == len(coffee)  # both spellings, nothing else
+
+    # The next export asks for just that text; the next run sends it through the live API.
+    assert export_job(job, tmp_path / "retry")["requests"] == 1
+    before = server.requests
+    again = run_job(job)
+    assert again["status_counts"]["error"] == 0 and server.requests == before + 1
+    fixed = {r["id"]: r for r in _rows(read_parts, batch)}
+    assert fixed[coffee[0]]["label"] == fixed[coffee[1]]["label"] is not None
+
+
+def test_without_duplicate_collapsing_every_row_is_a_request(make_job, read_parts, server, tmp_path):
+    batch = _job(make_job, server, "rows", REPEATS, dedupe={"enabled": False}, cache={"enabled": False})
+    job = batch.load()
+    result = export_job(job, tmp_path / "req", max_requests=4)
+    requests = _lines(tmp_path / "req", result)
+    assert result["requests"] == 10 and len(result["files"]) == 3  # 4 + 4 + 2, split by max_requests
+    assert requests[0]["custom_id"] == "c0-r0"
+    import_job(job, [str(_answer_batch(server, requests, tmp_path / "r.jsonl"))])
+    assert [r["status"] for r in _rows(read_parts, batch)].count("ok") == 10
+
+
+def test_export_splits_by_size_and_replaces_an_earlier_export(make_job, server, tmp_path):
+    job = _job(make_job, server, "size", [f"Coffee beans {i}" for i in range(6)]).load()
+    result = export_job(job, tmp_path / "req", max_bytes=1)  # every line alone exceeds it
     assert len(result["files"]) == 6
+    smaller = export_job(job, tmp_path / "req")
+    assert smaller["files"] == ["batch-00000.jsonl"] and len(smaller["stale_files_removed"]) == 5
+    assert sorted(p.name for p in (tmp_path / "req").glob("batch-*.jsonl")) == ["batch-00000.jsonl"]
 
 
-def test_export_needs_an_api_job(make_job, tmp_path):
+def test_export_needs_a_backend_that_describes_its_requests(make_job, tmp_path):
     job = make_job()  # fake backend
-    with pytest.raises(ConfigError, match="backend: openai"):
-        export(load_job(job.path), tmp_path / "req")
+    with pytest.raises(ConfigError, match="cannot describe its requests"):
+        export_job(load_job(job.path), tmp_path / "req")
 
 
 def test_import_refuses_request_files_and_foreign_ids(make_job, server, tmp_path):
-    job = load_job(_job(make_job, server, "refuse", ["Tea"]).path)
+    job = _job(make_job, server, "refuse", ["Tea"]).load()
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     with pytest.raises(InputFormatError, match="line 1"):
-        import_results(job, [str(bad)])
+        import_job(job, [str(bad)])
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text(
         json.dumps({"custom_id": "request-1", "response": {"status_code": 200, "body": {}}}) + "\n"
     )
     with pytest.raises(InputFormatError, match="request-1"):
-        import_results(job, [str(foreign)])
+        import_job(job, [str(foreign)])
 
 
 def test_failed_batch_lines_become_error_rows(make_job, read_parts, server, tmp_path):
     job_files = _job(make_job, server, "failed", ["Tea one", "Tea two"])
+    requests = _lines(tmp_path / "req", export_job(job_files.load(), tmp_path / "req"))
+    first, second = (r["custom_id"] for r in requests)
     results = tmp_path / "r.jsonl"
     results.write_text(
         json.dumps(
-            {"custom_id": "c0-r0", "response": None, "error": {"code": "server_error", "message": "boom"}}
+            {"custom_id": first, "response": None, "error": {"code": "server_error", "message": "boom"}}
         )
         + "\n"
         + json.dumps(
-            {"custom_id": "c0-r1", "response": {"status_code": 500, "body": {"error": "x"}}, "error": None}
+            {"custom_id": second, "response": {"status_code": 500, "body": {"error": "x"}}, "error": None}
         )
         + "\n"
     )
-    cli = CliRunner()
-    res = cli.invoke(main, ["import", str(job_files.path), str(results)])
+    res = CliRunner().invoke(main, ["import", str(job_files.path), str(results)])
     assert res.exit_code == 6, res.output
     rows = read_parts(job_files.output).to_pylist()
     assert [r["status"] for r in rows] == ["error", "error"]
@@ -149,7 +193,8 @@ def test_failed_batch_lines_become_error_rows(make_job, read_parts, server, tmp_
 
 
 def test_export_cli(make_job, server, tmp_path):
-    job_files = _job(make_job, server, "cli", ["Tea", "Coffee"])
+    job_files = _job(make_job, server, "cli", ["Tea", "Coffee", "TEA"])
     res = CliRunner().invoke(main, ["export", str(job_files.path), "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
-    assert "2 requests for 2 rows in 1 file(s)" in res.output
+    assert "2 requests for 3 rows in 1 file(s)" in res.output
+    assert "1 rows sharing a duplicate's request" in res.output

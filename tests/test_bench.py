@@ -158,7 +158,7 @@ def test_bench_refuses_extraction_jobs(setup, make_job):
         attributes=[{"name": "brand", "type": "string"}],
         prompt=str(REPO_ROOT / "prompts" / "extract_product.en.yaml"),
     )
-    with pytest.raises(ConfigError, match="single-label classification"):
+    with pytest.raises(ConfigError, match="one label per row"):
         bench(
             load_job(job.path),
             ["fake"],

@@ -7,9 +7,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from pipeline import cache as cache_module
-from pipeline.backends.base import ANSWER_SCHEMA, Completion, answers_table, table_completions
 from pipeline.cache import ResultCache
+from pipeline.contracts import ANSWER_SCHEMA, Completion, answers_table, table_completions
 
 
 def _answers(texts, error_at=()):
@@ -49,9 +48,8 @@ def test_answers_outlive_the_process_and_failed_ones_are_not_kept(tmp_path):
     assert ResultCache(tmp_path, "other namespace").lookup(_series(["a"]))[0].tolist() == []
 
 
-def test_texts_sharing_a_hash_are_told_apart_by_their_text(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "key_hashes", lambda texts: np.zeros(len(texts), dtype=np.uint64))
-    cache = ResultCache(tmp_path, "ns")
+def test_texts_sharing_a_hash_are_told_apart_by_their_text(tmp_path):
+    cache = ResultCache(tmp_path, "ns", key_hash=lambda texts: np.zeros(len(texts), dtype=np.uint64))
     cache.add(_series(["a", "b"]), _series(["a", "b"]), _answers(["a", "b"]))
     cache.add(_series(["c"]), _series(["c"]), _answers(["c"]))
     hits, answers = cache.lookup(_series(["c", "x", "a", "b"]))
@@ -75,9 +73,8 @@ def test_a_crash_keeps_every_added_answer_and_ignores_half_written_batches(tmp_p
     assert answers.column("text").to_pylist() == ["label of a", "label of b", "label of c"]
 
 
-def test_files_are_closed_and_mapped_as_they_fill(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "_FILE_ROWS", 2)
-    cache = ResultCache(tmp_path, "ns")
+def test_files_are_closed_and_mapped_as_they_fill(tmp_path):
+    cache = ResultCache(tmp_path, "ns", file_rows=2)
     for batch in (["a", "b"], ["c"], ["d", "e"]):
         cache.add(_series(batch), _series(batch), _answers(batch))
     assert len(list((tmp_path / "ns").glob("seg-*.arrows"))) == 2  # [a b] and [c][d e]
@@ -88,14 +85,10 @@ def test_files_are_closed_and_mapped_as_they_fill(tmp_path, monkeypatch):
     assert len(ResultCache(tmp_path, "ns")) == 5
 
 
-def test_a_merge_leaves_a_file_that_is_being_written_alone(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "_FILE_ROWS", 1)
-    monkeypatch.setattr(cache_module, "_MERGE_ABOVE", 2)
-    writer = ResultCache(tmp_path, "ns")
-    monkeypatch.setattr(cache_module, "_FILE_ROWS", 100)
+def test_a_merge_leaves_a_file_that_is_being_written_alone(tmp_path):
+    writer = ResultCache(tmp_path, "ns", file_rows=100, merge_above=2)
     writer.add(_series(["still open"]), _series(["still open"]), _answers(["still open"]))  # holds its file
-    monkeypatch.setattr(cache_module, "_FILE_ROWS", 1)
-    other = ResultCache(tmp_path, "ns")
+    other = ResultCache(tmp_path, "ns", file_rows=1, merge_above=2)
     for t in ("x", "y", "z"):
         other.add(_series([t]), _series([t]), _answers([t]))
     other.close()
@@ -114,10 +107,8 @@ def test_a_merge_leaves_a_file_that_is_being_written_alone(tmp_path, monkeypatch
     ]
 
 
-def test_many_files_are_merged_without_losing_an_answer(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "_FILE_ROWS", 1)
-    monkeypatch.setattr(cache_module, "_MERGE_ABOVE", 3)
-    cache = ResultCache(tmp_path, "ns")
+def test_many_files_are_merged_without_losing_an_answer(tmp_path):
+    cache = ResultCache(tmp_path, "ns", file_rows=1, merge_above=3)
     texts = [f"text {i}" for i in range(6)]
     for t in texts:
         cache.add(_series([t]), _series([t]), _answers([t]))

@@ -6,9 +6,9 @@ import math
 
 import pyarrow as pa
 
-from pipeline.backends.base import Completion, answers_table
+from pipeline.contracts import Completion, answers_table
 from pipeline.tasks.base import Task
-from pipeline.tasks.classify import ClassifyTask
+from pipeline.tasks.classify import ClassifySettings, ClassifyTask
 
 LABELS = ["Tea", "Coffee", "Zielona herbata", "Shoes"]
 ANSWERS = [
@@ -33,7 +33,7 @@ def _same(a, b):
 
 
 def test_column_parse_equals_row_parse():
-    task = ClassifyTask(LABELS)
+    task = ClassifyTask(ClassifySettings(labels=LABELS))
     answers = answers_table(ANSWERS)
     columns = task.parse_answers(answers, pa.array(TRUNCATED)).to_pylist()
     rows = Task.parse_answers(task, answers, pa.array(TRUNCATED)).to_pylist()
@@ -48,6 +48,6 @@ def test_column_parse_equals_row_parse():
 
 
 def test_column_parse_of_no_answers():
-    task = ClassifyTask(LABELS)
+    task = ClassifyTask(ClassifySettings(labels=LABELS))
     out = task.parse_answers(answers_table([]), pa.array([], pa.bool_()))
     assert out.num_rows == 0 and out.schema.names == [f.name for f in task.result_fields]

@@ -131,17 +131,9 @@ def test_status_of_a_locked_run_is_running(cli: CliRunner, make_job) -> None:
     )
 
 
-def test_run_with_row_errors_exits_6(cli: CliRunner, make_job, monkeypatch) -> None:
-    from pipeline.backends.base import Backend, Completion
-    from pipeline.backends.fake import FakeBackend
-
-    def complete(self, conversations, choices, max_tokens):
-        return [Completion("none of them", None, 10, 2, "stop") for _ in conversations]
-
-    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
-
-    monkeypatch.setattr(FakeBackend, "complete", complete)
-    job_files = make_job(default_table(4))
+def test_run_with_row_errors_exits_6(cli: CliRunner, make_job, register_plugins) -> None:
+    register_plugins(backends={"no-label": "doubles:NoLabelBackend"})  # every answer outside the labels
+    job_files = make_job(default_table(4), backend="no-label")
     result = cli.invoke(main, ["run", "--quiet", str(job_files.path)])
     assert result.exit_code == 6, result.output
     assert "invalid 4" in result.output

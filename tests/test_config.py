@@ -39,10 +39,11 @@ def job_error(tmp_path: Path, spec: dict | None = None, text: str | None = None)
 def test_valid_job_loads_with_defaults(tmp_path: Path) -> None:
     job = load_job(write(tmp_path, BASE))
     assert isinstance(job, JobConfig)
-    assert job.labels == ["a", "b"]
+    assert job.task_settings.labels == ["a", "b"]
     assert job.backend == "fake"
     assert job.chunk_rows == 50_000
-    assert job.engine.dtype == "auto"
+    assert job.section("engine") is None  # a fake job holds only the fake backend's section
+    assert job.backend_settings.seconds_per_row == 0.0
     assert job.sampling.temperature == 0.0
     assert job.keep_columns == []
     assert job.name == "run"
@@ -182,4 +183,9 @@ def test_shipped_job_files_load() -> None:
     assert len(jobs) >= 8
     for path in jobs:
         job = load_job(path)
-        assert job.labels or job.labels_file or (job.task == "extract" and job.attributes)
+        task = job.task_settings
+        assert (
+            task.labels or task.labels_file
+            if job.task == "classify"
+            else job.task == "extract" and task.attributes
+        )

@@ -5,40 +5,31 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from doubles import RecordingFake
 
-from pipeline.backends.base import Backend
-from pipeline.backends.fake import FakeBackend
 from pipeline.cache import ResultCache
 from pipeline.cli import main
-from pipeline.config import DedupeConfig, load_job
-from pipeline.dedupe import normalise
+from pipeline.config import load_job
+from pipeline.dedupe import DedupeConfig, normalise
 from pipeline.errors import JobChangedError
-from pipeline.runner import run
-from pipeline.state import RunFolder
+from pipeline.plan import plan_job
+from pipeline.runfolder import RunFolder
+from pipeline.runner import run_job
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    """Every conversation the fake backend is asked about, by its user message."""
-    seen: list[str] = []
-    real = FakeBackend.complete
-
-    def complete(self, conversations, constraint, max_tokens):
-        seen.extend(c[-1]["content"] for c in conversations)
-        return real(self, conversations, constraint, max_tokens)
-
-    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
-
-    monkeypatch.setattr(FakeBackend, "complete", complete)
-    return seen
+def calls() -> list[str]:
+    """Every conversation the backend of ``_run`` is asked about, by its user message."""
+    return []
 
 
 def _table(titles):
     return pa.table({"id": pa.array(range(len(titles)), pa.int64()), "title": titles})
 
 
-def _run(job_files, **kw):
-    return run(load_job(job_files.path), progress=False, log=lambda _m: None, **kw)
+def _run(job_files, calls=None, **kw):
+    job = load_job(job_files.path)
+    return run_job(job, backend=RecordingFake(job, asked=calls), **kw)
 
 
 def test_normalise():
@@ -52,7 +43,7 @@ def test_normalise():
 def test_duplicates_in_a_chunk_go_to_the_model_once(make_job, read_parts, calls):
     titles = ["Green Tea", "green   tea", "GREEN TEA", "Coffee beans", "Coffee beans", "Vitamin C"]
     job_files = make_job(_table(titles), chunk_rows=100)
-    summary = _run(job_files)
+    summary = _run(job_files, calls)
     assert len(calls) == 3 and calls[0].endswith("Green Tea")  # the first spelling is sent
     assert (summary["model_calls"], summary["duplicates"], summary["cache_hits"]) == (3, 3, 0)
     rows = read_parts(job_files.output).to_pylist()
@@ -64,7 +55,7 @@ def test_duplicates_in_a_chunk_go_to_the_model_once(make_job, read_parts, calls)
 def test_dedupe_can_be_switched_off(make_job, calls):
     titles = ["Green Tea", "green tea", "Green Tea"]
     job_files = make_job(_table(titles), dedupe={"enabled": False})
-    summary = _run(job_files)
+    summary = _run(job_files, calls)
     assert len(calls) == 3 and summary["duplicates"] == 0
 
 
@@ -72,36 +63,35 @@ def test_second_nightly_run_asks_only_about_new_texts(make_job, read_parts, call
     yesterday = [f"product {i}" for i in range(50)]
     today = [*yesterday, "brand new product", "another new one", "product 7"]  # "product 7" is known
     first = make_job(_table(yesterday), name="night1", chunk_rows=20)
-    _run(first)
+    _run(first, calls)
     assert len(calls) == 50
     calls.clear()
     second = make_job(_table(today), name="night2", chunk_rows=20)
-    summary = _run(second)
+    summary = _run(second, calls)
     assert sorted(c.split(": ", 1)[1] for c in calls) == ["another new one", "brand new product"]
     assert (summary["model_calls"], summary["cache_hits"]) == (2, 51)
     assert summary["cache"]["entries"] == 52 and summary["cache"]["bytes"] > 0
 
     # The cached output equals a run without the cache, row by row.
     fresh = make_job(_table(today), name="nocache", chunk_rows=20, cache={"enabled": False})
-    _run(fresh)
+    _run(fresh, calls)
     cached_rows = read_parts(second.output).select(["id", "label", "confidence", "status"]).to_pylist()
     fresh_rows = read_parts(fresh.output).select(["id", "label", "confidence", "status"]).to_pylist()
     assert cached_rows == fresh_rows
 
 
 def test_cache_is_per_model_prompt_and_labels(make_job, calls):
-    _run(make_job(_table(["a tea", "a coffee"]), name="one"))
-    _run(make_job(_table(["a tea", "a coffee"]), name="two", labels=["Tea", "Coffee", "Other"]))
+    _run(make_job(_table(["a tea", "a coffee"]), name="one"), calls)
+    _run(make_job(_table(["a tea", "a coffee"]), name="two", labels=["Tea", "Coffee", "Other"]), calls)
     assert len(calls) == 4  # other labels: other answers, so nothing reused
 
 
 def test_no_cache_flag_bypasses_it(make_job, calls):
     job_files = make_job(_table(["a tea", "a coffee"]))
-    _run(job_files)
+    _run(job_files, calls)
     calls.clear()
     result = CliRunner().invoke(main, ["run", "--quiet", "--restart", "--no-cache", str(job_files.path)])
     assert result.exit_code == 0, result.output
-    assert len(calls) == 2
     assert "2 from the model, 0 from the cache" in result.output
 
 
@@ -113,13 +103,12 @@ def test_changing_the_normalisation_is_a_job_change(make_job):
         _run(job_files)
 
 
-def test_a_run_with_every_text_cached_never_asks_the_backend(make_job, calls, monkeypatch):
+def test_a_run_with_every_text_cached_never_asks_the_backend(make_job):
     _run(make_job(_table(["a tea", "a coffee", "a tea"]), name="first"))
-    started = []
-    monkeypatch.setattr(FakeBackend, "start", lambda self: started.append(1))
-    calls.clear()
-    summary = _run(make_job(_table(["a coffee", "a tea"]), name="second"))
-    assert calls == [] and started == []
+    second = make_job(_table(["a coffee", "a tea"]), name="second")
+    backend = RecordingFake(second.load())
+    summary = run_job(second.load(), backend=backend)
+    assert backend.asked == [] and backend.starts == 0
     assert summary["cache_hits"] == 2 and summary["complete"]
 
 
@@ -185,7 +174,7 @@ def test_group_rows_numbers_groups_by_first_appearance():
 def test_a_text_is_asked_once_per_run_however_far_apart_its_rows(make_job, read_parts, calls, cache):
     titles = ["Green Tea", "Coffee", "Vitamin C", "Green Tea", "coffee", "COFFEE  "]
     job_files = make_job(_table(titles), chunk_rows=3, cache=cache)
-    summary = _run(job_files)
+    summary = _run(job_files, calls)
     # chunk 2 has two keys, "green tea" and "coffee", both answered in chunk 1 (with the shared
     # cache, or the run's own store when the cache is off)
     assert [c.split(": ", 1)[1] for c in calls] == ["Green Tea", "Coffee", "Vitamin C"]
@@ -195,29 +184,37 @@ def test_a_text_is_asked_once_per_run_however_far_apart_its_rows(make_job, read_
     assert not (job_files.output / "answers").exists()  # the run's own store goes once it is complete
 
 
-def test_a_resumed_run_answers_as_an_uninterrupted_one(make_job, read_parts, calls, monkeypatch):
+class _DiesInChunk1:
+    """The run's own store in a process killed while chunk 1 is under way (after chunk 0 was
+    committed); a killed process closes nothing."""
+
+    def __init__(self, inner: ResultCache) -> None:
+        self.inner, self.lookups = inner, 0
+
+    def lookup(self, keys):
+        self.lookups += 1
+        if self.lookups == 2:
+            raise KeyboardInterrupt
+        return self.inner.lookup(keys)
+
+    def add(self, keys, sent, answers):
+        self.inner.add(keys, sent, answers)
+
+
+def test_a_resumed_run_answers_as_an_uninterrupted_one(make_job, read_parts, calls):
     """The run's own store is on disk before a chunk is marked done, so after a crash the later
     spellings of a text still get the answer its first spelling got."""
     titles = ["Green Tea", "Coffee", "GREEN TEA", "coffee", "green  tea", "Vitamin"]
     whole = make_job(_table(titles), name="whole", chunk_rows=2, cache={"enabled": False})
-    _run(whole)
+    _run(whole, calls)
     crashed = make_job(_table(titles), name="crashed", chunk_rows=2, cache={"enabled": False})
-    real_commit = RunFolder.commit
-
-    def commit(self, chunk, table, marker):
-        if chunk == 1:
-            raise KeyboardInterrupt  # dies before chunk 1 is marked done
-        real_commit(self, chunk, table, marker)
-
-    real_close = ResultCache.close
-    monkeypatch.setattr(RunFolder, "commit", commit)
-    monkeypatch.setattr(ResultCache, "close", lambda self: None)  # a killed process closes nothing
+    job = crashed.load()
+    store = _DiesInChunk1(ResultCache(RunFolder(job.output).answers, plan_job(job).namespace))
     with pytest.raises(KeyboardInterrupt):
-        _run(crashed)
-    monkeypatch.setattr(RunFolder, "commit", real_commit)
-    monkeypatch.setattr(ResultCache, "close", real_close)
+        _run(crashed, calls, store=store)
+    assert len(list((crashed.output / "done").glob("*.json"))) == 1
     calls.clear()
-    _run(crashed)
+    _run(crashed, calls)
     assert [c.split(": ", 1)[1] for c in calls] == ["Vitamin"]
     cols = ["id", "label", "confidence", "status"]
     assert (
@@ -231,8 +228,8 @@ def test_cache_info_and_clear(make_job, calls, tmp_path):
 
     job_files = make_job(_table(["a tea", "a coffee", "A TEA"]))
     other = make_job(_table(["a tea"]), name="other", labels=["Tea", "Other"])
-    _run(job_files)
-    _run(other)
+    _run(job_files, calls)
+    _run(other, calls)
     cli = CliRunner()
     listing = cli.invoke(main, ["cache", "info", "--json"])
     assert listing.exit_code == 0, listing.output
@@ -248,7 +245,7 @@ def test_cache_info_and_clear(make_job, calls, tmp_path):
         s["entries"] for s in json.loads(cli.invoke(main, ["cache", "info", "--json"]).output)["jobs"]
     ] == [1]
     calls.clear()
-    _run(job_files.rewrite(output=str(tmp_path / "again")))
+    _run(job_files.rewrite(output=str(tmp_path / "again")), calls)
     assert len(calls) == 2  # forgotten: asked again; the other job's answers stay
     assert (
         "nothing cached" in cli.invoke(main, ["cache", "clear", str(tmp_path / "missing.yaml")]).output

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,8 +23,9 @@ from sklearn.metrics import (
 from sklearn.preprocessing import MultiLabelBinarizer
 
 from pipeline.cli import main
-from pipeline.errors import ConfigError, DuplicateIdError
+from pipeline.errors import ConfigError, DuplicateIdError, MissingDependencyError, RunStateError
 from pipeline.evaluation import NONE, _fold, calibration, classification_metrics, evaluate, parse_thresholds
+from pipeline.evaluation.charts import confusion_png
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -334,3 +336,56 @@ def test_cli_eval_with_csv_gold(tmp_path):
     result = CliRunner().invoke(main, ["eval", str(run), "--gold", str(gold), "--on", "id"])
     assert result.exit_code == 2
     assert "more than once" in result.output
+
+
+def test_no_charts_writes_no_pictures(tmp_path):
+    out = tmp_path / "eval"
+    report = evaluate(classify_run(tmp_path), classify_gold(tmp_path), "id", out_dir=out, charts=False)
+    assert report["files"] == ["eval.md", "eval.json", "confusion.csv"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(report["files"])
+    md = (out / "eval.md").read_text()
+    assert ".png" not in md and "![" not in md
+    assert "## Confusion matrix" in md and "`confusion.csv`" in md
+    assert json.loads((out / "eval.json").read_text())["files"] == report["files"]
+
+
+def test_missing_matplotlib_stops_before_any_work(tmp_path, monkeypatch):
+    run, gold, out = classify_run(tmp_path), classify_gold(tmp_path), tmp_path / "eval"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(MissingDependencyError, match="need matplotlib") as caught:
+        evaluate(run, gold, "id", out_dir=out)
+    assert caught.value.exit_code == 7
+    assert "--no-charts" in caught.value.hint
+    assert not out.exists()
+    with pytest.raises(MissingDependencyError):
+        confusion_png({"rows": [], "columns": [NONE], "matrix": []}, tmp_path / "c.png")
+    assert evaluate(run, gold, "id", out_dir=out, charts=False)["kind"] == "classify"
+
+
+@pytest.mark.parametrize("kind", [None, "rank"])
+def test_run_without_a_known_evaluation_is_refused(tmp_path, kind):
+    run = classify_run(tmp_path)
+    manifest = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**manifest, "task": "summarise", "evaluation": kind}))
+    with pytest.raises(RunStateError, match="task 'summarise' has no evaluation labelmill eval knows"):
+        evaluate(run, classify_gold(tmp_path), "id", out_dir=tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluation_key_decides_over_task_name(tmp_path):
+    attributes = [{"name": "color", "type": "string"}]
+    run = write_run(
+        tmp_path / "run",
+        {"id": ["a", "b"], "color": ["red", "blue"], "status": ["ok", "ok"]},
+        {"task": "describe_products", "evaluation": "extract", "attributes": attributes},
+    )
+    gold = tmp_path / "gold.parquet"
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "attributes": ['{"Color": "Red"}', '{"Color": "green"}']}), gold
+    )
+    report = evaluate(run, gold, "id", out_dir=tmp_path / "eval")  # gold column defaults to attributes
+    assert report["kind"] == "extract" and report["gold_column"] == "attributes"
+    assert report["run"]["task"] == "describe_products"
+    color = report["extraction"]["per_attribute"][0]
+    assert (color["normalised"]["tp"], color["normalised"]["fp"], color["normalised"]["fn"]) == (1, 1, 1)
+    assert report["files"] == ["eval.md", "eval.json", "attributes.png"]

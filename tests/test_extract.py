@@ -7,13 +7,13 @@ import json
 import pyarrow as pa
 import pytest
 from conftest import REPO_ROOT, default_table
+from doubles import RecordingFake, always
 
-from pipeline.backends.base import Backend, Completion
-from pipeline.backends.fake import FakeBackend
-from pipeline.config import AttributeSpec, load_job
+from pipeline.config import load_job
 from pipeline.errors import JobFileError, PromptError
-from pipeline.runner import plan_job, run
-from pipeline.tasks.extract import ExtractTask
+from pipeline.plan import plan_job
+from pipeline.runner import run_job
+from pipeline.tasks.extract import AttributeSpec, ExtractSettings, ExtractTask
 
 PROMPT_EXTRACT = str(REPO_ROOT / "prompts" / "extract_product.en.yaml")
 PROMPT_MULTI = str(REPO_ROOT / "prompts" / "classify_multilabel.en.yaml")
@@ -37,8 +37,9 @@ def _extract_job(make_job, data=None, **overrides):
     return make_job(data, **spec)
 
 
-def _quiet(job_files):
-    return run(load_job(job_files.path), progress=False, log=lambda _m: None)
+def _quiet(job_files, reply=None):
+    job = load_job(job_files.path)
+    return run_job(job, backend=RecordingFake(job, reply) if reply else None)
 
 
 def test_extract_writes_one_typed_column_per_attribute(make_job, read_parts):
@@ -80,15 +81,10 @@ def test_extract_writes_one_typed_column_per_attribute(make_job, read_parts):
         ('{"brand": 7, "colour": null, "volume": 1, "materials": []}', "expected text"),
     ],
 )
-def test_answers_that_do_not_fit_are_invalid_never_guessed(make_job, read_parts, monkeypatch, answer, reason):
-    def complete(self, conversations, constraint, max_tokens):
-        return [Completion(answer, None, 50, 9, "stop") for _ in conversations]
-
-    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
-
-    monkeypatch.setattr(FakeBackend, "complete", complete)
+def test_answers_that_do_not_fit_are_invalid_never_guessed(make_job, read_parts, answer, reason):
+    reply = always(answer)
     job_files = _extract_job(make_job, default_table(3))
-    summary = _quiet(job_files)
+    summary = _quiet(job_files, reply)
     rows = read_parts(job_files.output).to_pylist()
     assert summary["status_counts"]["invalid"] == 3
     for r in rows:
@@ -97,34 +93,24 @@ def test_answers_that_do_not_fit_are_invalid_never_guessed(make_job, read_parts,
         assert r["brand"] is None and r["colour"] is None and r["volume"] is None
 
 
-def test_required_attribute_missing_is_invalid(make_job, read_parts, monkeypatch):
-    def complete(self, conversations, constraint, max_tokens):
-        return [Completion('{"brand": null, "colour": "red"}', None, 50, 9, "stop") for _ in conversations]
-
-    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
-
-    monkeypatch.setattr(FakeBackend, "complete", complete)
+def test_required_attribute_missing_is_invalid(make_job, read_parts):
+    reply = always('{"brand": null, "colour": "red"}')
     attrs = [
         {"name": "brand", "type": "string", "required": True},
         {"name": "colour", "type": "enum", "values": COLOURS},
     ]
     job_files = _extract_job(make_job, default_table(2), attributes=attrs)
-    _quiet(job_files)
+    _quiet(job_files, reply)
     rows = read_parts(job_files.output).to_pylist()
     assert all(r["status"] == "invalid" and "'brand' is required" in r["error"] for r in rows)
 
 
-def test_values_are_normalised_into_their_types(make_job, read_parts, monkeypatch):
+def test_values_are_normalised_into_their_types(make_job, read_parts):
     answer = '{"brand": "  Acme  ", "colour": "red", "volume": 250, "materials": ["wool", "wool", "cotton"]}'
 
-    def complete(self, conversations, constraint, max_tokens):
-        return [Completion(answer, None, 50, 9, "stop") for _ in conversations]
-
-    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
-
-    monkeypatch.setattr(FakeBackend, "complete", complete)
+    reply = always(answer)
     job_files = _extract_job(make_job, default_table(1))
-    _quiet(job_files)
+    _quiet(job_files, reply)
     (row,) = read_parts(job_files.output).to_pylist()
     assert (row["brand"], row["colour"], row["volume"], row["materials"]) == (
         "Acme",
@@ -139,7 +125,7 @@ def test_schema_built_from_the_declaration():
         AttributeSpec(name="gender", type="enum", values=["f", "m"], required=True),
         AttributeSpec(name="tags", type="list[enum]", values=["x"], required=True),
     ]
-    schema = ExtractTask(attrs).schema()
+    schema = ExtractTask(ExtractSettings(attributes=attrs)).schema()
     props = schema["properties"]
     assert schema["required"] == [a.name for a in attrs] and schema["additionalProperties"] is False
     assert props["colour"] == {"anyOf": [{"type": "string", "enum": COLOURS}, {"type": "null"}]}
@@ -179,7 +165,7 @@ def test_polish_attribute_names_are_allowed(make_job, read_parts):
 
 
 def test_extract_job_with_labels_or_a_classify_template_is_refused(make_job):
-    with pytest.raises(JobFileError, match="not labels"):
+    with pytest.raises(JobFileError, match="a key of task 'classify'"):
         load_job(_extract_job(make_job, labels=["a", "b"]).path)
     wrong_template = _extract_job(make_job, prompt=str(REPO_ROOT / "prompts" / "classify_product.en.yaml"))
     with pytest.raises(PromptError, match="task 'classify'"):
@@ -202,14 +188,11 @@ def test_multilabel_gives_up_to_k_labels(make_job, read_parts):
     "answer",
     ['{"labels": []}', '{"labels": ["Tea", "Coffee", "Shoes"]}', '{"labels": ["Beer"]}', '{"label": "Tea"}'],
 )
-def test_multilabel_answers_outside_the_rules_are_invalid(make_job, read_parts, monkeypatch, answer):
-    def complete(self, conversations, constraint, max_tokens):
-        assert constraint.json_schema["properties"]["labels"]["maxItems"] == 2
-        return [Completion(answer, None, 50, 9, "stop") for _ in conversations]
+def test_multilabel_answers_outside_the_rules_are_invalid(make_job, read_parts, answer):
+    def reply(messages, fake_answer, request):
+        assert request.constraint.json_schema["properties"]["labels"]["maxItems"] == 2
+        return always(answer)(messages, fake_answer, request)
 
-    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
-
-    monkeypatch.setattr(FakeBackend, "complete", complete)
     job_files = make_job(default_table(2), labels_max=2, prompt=PROMPT_MULTI)
-    _quiet(job_files)
+    _quiet(job_files, reply)
     assert {r["status"] for r in read_parts(job_files.output).to_pylist()} == {"invalid"}

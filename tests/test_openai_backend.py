@@ -14,7 +14,7 @@ from fault_server import FaultServer
 from pipeline.backends.openai import RateLimiter
 from pipeline.config import load_job
 from pipeline.errors import BackendError, JobFileError
-from pipeline.runner import run
+from pipeline.runner import run_job
 
 KEY = "sk-test-5f1e9c0a7d3b-DO-NOT-LEAK"
 ENV = "LABELMILL_TEST_API_KEY"
@@ -32,7 +32,7 @@ def _api(server: FaultServer, **extra) -> dict:
 
 
 def _run(job_files, **kwargs) -> dict:
-    return run(load_job(job_files.path), progress=False, log=lambda _m: None, **kwargs)
+    return run_job(load_job(job_files.path), **kwargs)
 
 
 def _titles() -> list[str]:

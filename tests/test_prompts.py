@@ -8,17 +8,16 @@ import pytest
 import yaml
 from conftest import LABELS, PROMPT_EN, PROMPTS_DIR
 
-from pipeline.config import AttributeSpec
 from pipeline.errors import ConfigError, PromptError
 from pipeline.prompts import load_template
 from pipeline.prompts import render as render_template
-from pipeline.tasks.classify import ClassifyTask
-from pipeline.tasks.extract import ExtractTask
+from pipeline.tasks.classify import ClassifySettings, ClassifyTask
+from pipeline.tasks.extract import AttributeSpec, ExtractSettings, ExtractTask
 
 
 def render(path, labels, prompt_vars):
     """Render a classification template for ``labels``."""
-    return render_template(path, ClassifyTask(list(labels)), prompt_vars)
+    return render_template(path, ClassifyTask(ClassifySettings(labels=list(labels))), prompt_vars)
 
 
 def template(tmp_path: Path, system: str, user: str, name: str = "t.yaml", **extra: str) -> Path:
@@ -232,9 +231,11 @@ def test_shipped_templates_render(path: Path) -> None:
             AttributeSpec(name="kolor", type="enum", values=labels),
             AttributeSpec(name="marka", type="string"),
         ]
-        task = ExtractTask(attrs)
+        task = ExtractTask(ExtractSettings(attributes=attrs))
     else:
-        task = ClassifyTask(labels, labels_max=3 if "labels_max" in tmpl.system else None)
+        task = ClassifyTask(
+            ClassifySettings(labels=labels, labels_max=3 if "labels_max" in tmpl.system else None)
+        )
     prompt = render_template(path, task, {"shop": "internetowego"} if needs_shop else {})
     assert tmpl.language in {"en", "pl"}
     assert path.name.split(".")[-2] == tmpl.language

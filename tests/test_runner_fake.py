@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import LABELS, default_table, write_table
+from doubles import RecordingFake
 
-from pipeline.backends.base import Backend, Completion
 from pipeline.backends.fake import FakeBackend
 from pipeline.config import JobConfig
+from pipeline.contracts import STATUSES, Completion
 from pipeline.errors import (
     ConfigError,
     DuplicateIdError,
@@ -25,9 +26,9 @@ from pipeline.errors import (
     LabelmillError,
     RunLockedError,
 )
-from pipeline.runner import plan_job, run
-from pipeline.state import RunFolder
-from pipeline.tasks import STATUSES
+from pipeline.plan import plan_job
+from pipeline.runfolder import RunFolder
+from pipeline.runner import run_job
 from pipeline.text import row_texts
 
 OUTPUT_TYPES = {
@@ -41,15 +42,15 @@ OUTPUT_TYPES = {
 }
 
 
-def quiet_run(job: JobConfig, restart: bool = False) -> dict:
-    return run(job, restart=restart, progress=False, log=lambda _msg: None)
+def quiet_run(job: JobConfig, restart: bool = False, backend=None) -> dict:
+    return run_job(job, restart=restart, backend=backend)
 
 
 def fake_label(job: JobConfig, text: str) -> str:
     """The label the fake backend gives a row whose cleaned text is ``text``."""
     plan = plan_job(job, check_id_values=False)
-    (completion,) = FakeBackend(job, plan.model).complete(
-        [plan.prompt.messages(text)], plan.task.constraint(), plan.max_tokens
+    (completion,) = FakeBackend(job.backend_settings, plan.model).complete(
+        [plan.prompt.messages(text)], plan.request
     )
     return completion.text
 
@@ -252,13 +253,13 @@ def test_max_input_tokens_marks_long_rows_truncated(make_job, read_parts) -> Non
 def test_max_model_len_limits_text_too(make_job, read_parts) -> None:
     long = "word " * 400
     data = pa.table({"id": pa.array([1, 2], pa.int64()), "title": ["tiny", long]})
-    job_files = make_job(data, engine={"max_model_len": 200})
+    job_files = make_job(data, fake={"max_model_len": 200})
     quiet_run(job_files.load())
     assert [r["status"] for r in read_parts(job_files.output).to_pylist()] == ["ok", "truncated"]
 
 
 def test_max_model_len_too_small_for_the_prompt(make_job) -> None:
-    job_files = make_job(engine={"max_model_len": 20})
+    job_files = make_job(fake={"max_model_len": 20})
     with pytest.raises(ConfigError, match="no room"):
         quiet_run(job_files.load())
 
@@ -267,11 +268,11 @@ def test_fixing_a_job_that_failed_before_any_chunk_needs_no_restart(make_job, re
     # The first try fails at the token budget check, after the run folder was prepared but
     # before any chunk was labelled. With nothing finished there is nothing to protect, so the
     # corrected job should simply run.
-    job_files = make_job(default_table(4), engine={"max_model_len": 20})
+    job_files = make_job(default_table(4), fake={"max_model_len": 20})
     with pytest.raises(ConfigError, match="no room"):
         quiet_run(job_files.load())
     assert RunFolder(job_files.output).finished() == {}
-    job_files.rewrite(engine={"max_model_len": 4096})
+    job_files.rewrite(fake={"max_model_len": 4096})
     summary = quiet_run(job_files.load())
     assert summary["complete"] is True
     assert read_parts(job_files.output).num_rows == 4
@@ -318,27 +319,21 @@ def test_text_template_missing_column_refused(make_job) -> None:
     assert not job_files.output.exists()
 
 
-def test_answers_outside_the_label_set_become_invalid_rows(make_job, read_parts, monkeypatch) -> None:
-    real_complete = FakeBackend.complete
+def test_answers_outside_the_label_set_become_invalid_rows(make_job, read_parts) -> None:
+    def reply(messages, answer, request):
+        if "HALLUCINATE" in messages[-1]["content"]:
+            return Completion("Not a label", -0.1, answer.prompt_tokens, 3, "stop")
+        if "CUT" in messages[-1]["content"]:
+            return Completion("Cof", -0.1, answer.prompt_tokens, request.max_tokens, "length")
+        if "SPACED" in messages[-1]["content"]:
+            return Completion(" Tea\n", -0.5, answer.prompt_tokens, 2, "stop")
+        return answer
 
-    def complete(self, conversations, choices, max_tokens):
-        out = real_complete(self, conversations, choices, max_tokens)
-        for i, messages in enumerate(conversations):
-            if "HALLUCINATE" in messages[-1]["content"]:
-                out[i] = Completion("Not a label", -0.1, out[i].prompt_tokens, 3, "stop")
-            elif "CUT" in messages[-1]["content"]:
-                out[i] = Completion("Cof", -0.1, out[i].prompt_tokens, max_tokens, "length")
-            elif "SPACED" in messages[-1]["content"]:
-                out[i] = Completion(" Tea\n", -0.5, out[i].prompt_tokens, 2, "stop")
-        return out
-
-    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
-
-    monkeypatch.setattr(FakeBackend, "complete", complete)
     titles = ["Green tea", "HALLUCINATE please", "CUT short", "SPACED answer"]
     data = pa.table({"id": pa.array(range(4), pa.int64()), "title": titles})
     job_files = make_job(data)
-    summary = quiet_run(job_files.load())
+    job = job_files.load()
+    summary = quiet_run(job, backend=RecordingFake(job, reply))
     rows = read_parts(job_files.output).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "invalid", "invalid", "ok"]
     assert rows[1]["label"] is None and rows[1]["confidence"] is None
@@ -656,33 +651,26 @@ def test_statuses_constant_matches_summary_keys(make_job) -> None:
     assert list(summary["status_counts"]) == list(STATUSES)
 
 
-def test_rows_the_backend_failed_on_are_retried_on_rerun(make_job, read_parts, monkeypatch) -> None:
-    real_complete = FakeBackend.complete
-    calls: list[int] = []
+def test_rows_the_backend_failed_on_are_retried_on_rerun(make_job, read_parts) -> None:
+    def flaky(messages, answer, request):
+        # the first pass over the 3 chunks: every "FLAKY" row fails
+        if len(backend.batches) <= 3 and "FLAKY" in messages[-1]["content"]:
+            return Completion.failed("HTTP 503 after 5 retries", retries=5)
+        return answer
 
-    def flaky(self, conversations, choices, max_tokens):
-        calls.append(len(conversations))
-        out = real_complete(self, conversations, choices, max_tokens)
-        if len(calls) <= 3:  # the first pass over the 3 chunks: every "FLAKY" row fails
-            for i, messages in enumerate(conversations):
-                if "FLAKY" in messages[-1]["content"]:
-                    out[i] = Completion("", None, 0, 0, None, error="HTTP 503 after 5 retries", retries=5)
-        return out
-
-    monkeypatch.setattr(FakeBackend, "answer", Backend.answer)  # through complete, row by row
-
-    monkeypatch.setattr(FakeBackend, "complete", flaky)
     titles = [f"FLAKY row {i}" if i in (3, 17) else f"Green tea {i}" for i in range(25)]
     data = pa.table({"id": pa.array(range(25), pa.int64()), "title": titles})
     job_files = make_job(data, chunk_rows=10)
-    first = quiet_run(job_files.load())
+    backend = RecordingFake(job_files.load(), flaky)
+    calls = backend.batches
+    first = quiet_run(job_files.load(), backend=backend)
     assert first["status_counts"]["error"] == 2
     assert first["retries"] == 10
     before = read_parts(job_files.output).to_pylist()
     assert [r["status"] for r in before if r["id"] in (3, 17)] == ["error", "error"]
     assert all(r["label"] is None for r in before if r["status"] == "error")
 
-    second = quiet_run(job_files.load())
+    second = quiet_run(job_files.load(), backend=backend)
     # Only the two failed rows went to the backend again, one call per chunk that held them.
     assert calls[3:] == [1, 1]
     assert second["status_counts"]["error"] == 0

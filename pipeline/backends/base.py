@@ -1,80 +1,29 @@
-"""What every backend offers the runner: token counting and label-constrained chat completion."""
+"""What every backend offers the pipeline: token counting and constrained chat completion.
+
+A backend is one class, registered under the entry point group ``labelmill.backends`` (see
+``pipeline/plugins.py``). It owns its section of the job file (``section``, validated by its
+``Settings`` model) and receives only that section and the model name; what to answer comes with
+each call as a :class:`~pipeline.contracts.Request` (constraint, answer budget, decoding).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import astuple, dataclass, fields
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline.config import JobConfig
+from pipeline.contracts import ANSWER_SCHEMA, Completion, Messages, Options, Request, answers_table
+from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     import polars as pl
 
     from pipeline.prompts import RenderedPrompt
 
-Messages = list[dict[str, str]]
 
-
-@dataclass(frozen=True)
-class Completion:
-    """One answer, as the backend returned it. Parsing into a label happens in the task."""
-
-    text: str
-    logprob: float | None
-    """Sum of the answer tokens' log-probabilities after the label constraint was applied
-    (the constrained decoder's probability of this answer), or None if not available."""
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str | None
-    cached_tokens: int | None = None
-    """Prompt tokens the server served from its cache, where it says so."""
-    error: str | None = None
-    """Why no answer came (after retries); the row gets status ``error`` and is retried on rerun."""
-    retries: int = 0
-
-
-ANSWER_SCHEMA = pa.schema(
-    [
-        pa.field("text", pa.string()),
-        pa.field("logprob", pa.float64()),
-        pa.field("prompt_tokens", pa.int32()),
-        pa.field("output_tokens", pa.int32()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("cached_tokens", pa.int32()),
-        pa.field("error", pa.string()),
-        pa.field("retries", pa.int32()),
-    ]
-)
-"""Answers as columns, one row per request: the fields of :class:`Completion`, in its order."""
-
-
-def answers_table(completions: list[Completion]) -> pa.Table:
-    """Completions as an answers table (``ANSWER_SCHEMA``)."""
-    columns = list(zip(*(astuple(c) for c in completions), strict=True)) or [()] * len(ANSWER_SCHEMA)
-    return pa.Table.from_arrays(
-        [pa.array(col, f.type) for col, f in zip(columns, ANSWER_SCHEMA, strict=True)], schema=ANSWER_SCHEMA
-    )
-
-
-def table_completions(answers: pa.Table) -> list[Completion]:
-    """An answers table back as Completion objects (for code that handles one answer at a time)."""
-    names = [f.name for f in fields(Completion)]
-    return [Completion(**row) for row in answers.select(names).to_pylist()]
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """What the answer must be: one of ``choice``, or a JSON document matching ``json_schema``."""
-
-    choice: tuple[str, ...] | None = None
-    json_schema: dict | None = None
-
-    def __post_init__(self) -> None:
-        if (self.choice is None) == (self.json_schema is None):
-            raise ValueError("a Constraint is either a choice or a JSON schema")
+class NoSettings(Options):
+    """A backend without settings of its own."""
 
 
 class Backend(ABC):
@@ -82,21 +31,35 @@ class Backend(ABC):
 
     ``start`` loads the model; everything else (``count_tokens``, ``truncate``,
     ``prompt_tokens``) works before it, so ``labelmill validate`` can count tokens without
-    loading weights. ``complete`` starts the backend the first time it has something to answer, so
+    loading weights. ``answer`` starts the backend the first time it has something to answer, so
     a run whose texts all come from the cache never loads a model.
     """
 
     name: ClassVar[str]
+    section: ClassVar[str | None] = None
+    """The job file's key for this backend's settings (``engine``, ``api``); None: it has none."""
+    Settings: ClassVar[type[Options]] = NoSettings
     loads_weights: ClassVar[bool] = False
     """True when ``model:`` names weights this machine loads (resolved to a local folder); False when
     it is a name passed verbatim to a server."""
 
-    def __init__(self, job: JobConfig, model: str, log=None) -> None:
-        self.job = job
+    def __init__(self, settings: Options | None = None, model: str = "") -> None:
+        self.settings = settings if settings is not None else self.Settings()
         self.model = model
-        self.log = log or (lambda _message: None)
         self.start_seconds = 0.0
         """Time spent loading the model, so throughput figures can leave it out."""
+
+    @classmethod
+    def identity(cls, settings: Options) -> dict[str, Any] | None:
+        """The settings that can change an answer (part of the job fingerprint and the cache key),
+        or None when none can. Settings that only change speed or memory stay out, so changing
+        them neither refuses a resume nor empties the cache."""
+        return None
+
+    @classmethod
+    def describe_settings(cls, settings: Options) -> dict[str, Any]:
+        """The settings as the run's provenance records them (``run.json``)."""
+        return settings.model_dump(mode="json")
 
     def start(self) -> None:  # noqa: B027 - optional hook: a backend without a model has nothing to load
         """Load the model. Idempotent."""
@@ -106,8 +69,8 @@ class Backend(ABC):
 
     @property
     def max_model_len(self) -> int | None:
-        """Context length in tokens, once known."""
-        return self.job.engine.max_model_len
+        """Context length in tokens, once known; None for no limit."""
+        return None
 
     @abstractmethod
     def count_tokens(self, texts: list[str]) -> list[int]:
@@ -126,21 +89,35 @@ class Backend(ABC):
         return "\n".join(f"<{m['role']}>\n{m['content']}" for m in messages)
 
     @abstractmethod
-    def complete(
-        self, conversations: list[Messages], constraint: Constraint, max_tokens: int
-    ) -> list[Completion]:
-        """Answer every conversation within ``constraint``; results in input order."""
+    def complete(self, conversations: list[Messages], request: Request) -> list[Completion]:
+        """Answer every conversation within ``request.constraint``; results in input order."""
 
-    def answer(
-        self, prompt: RenderedPrompt, texts: pl.Series, constraint: Constraint, max_tokens: int
-    ) -> pa.Table:
+    def answer(self, prompt: RenderedPrompt, texts: pl.Series, request: Request) -> pa.Table:
         """Answer ``prompt`` filled with each of ``texts``; an answers table (``ANSWER_SCHEMA``),
-        one row per text, in order. This is what the runner calls: a backend whose cost per answer
-        is tiny (the test double) answers whole columns at once here; the others answer through
-        ``complete``."""
+        one row per text, in order. This is what the pipeline calls: a backend whose cost per
+        answer is tiny (the test double) answers whole columns at once here; the others answer
+        through ``complete``."""
         if not len(texts):
             return ANSWER_SCHEMA.empty_table()
-        return answers_table(self.complete([prompt.messages(t) for t in texts], constraint, max_tokens))
+        return answers_table(self.complete([prompt.messages(t) for t in texts], request))
+
+    # Batch files (labelmill export / import). A backend that can say what one request looks like
+    # on the wire, and read an answer back, can have a job's requests written to files and sent
+    # through a provider's batch API or ``vllm run-batch``.
+
+    batch_url: ClassVar[str | None] = None
+    """The endpoint batch request lines name (``/v1/chat/completions``); None: no batch files."""
+
+    def request_body(self, messages: Messages, request: Request) -> dict:
+        """One request's body, as a batch file line carries it."""
+        raise ConfigError(
+            f"backend '{self.name}' cannot describe its requests for batch files",
+            hint="export and import need a backend that sends HTTP requests, e.g. backend: openai",
+        )
+
+    def read_response(self, body: dict, request: Request) -> Completion | None:
+        """A batch result's response body as a Completion; None if it is not one."""
+        raise ConfigError(f"backend '{self.name}' cannot read batch results")
 
     def version(self) -> str:
         return self.name

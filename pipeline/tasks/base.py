@@ -1,5 +1,21 @@
-"""What a task is to the runner: its output columns, its prompt variables, the constraint on the
-answer, and how an answer becomes a row. The runner knows nothing else about tasks."""
+"""What a task is to the rest of labelmill, and all a new task has to say.
+
+A task is one class, registered under the entry point group ``labelmill.tasks`` (see
+``pipeline/plugins.py``), plus a prompt template that names it (``task:`` in the template). It
+declares:
+
+    Settings        its own top-level job keys (a pydantic model; unknown keys are refused)
+    fields          its output columns, placed after the id and kept columns
+    prompt_values   the template variables it fills (``labels``, ``attributes``, ...)
+    request         the constraint on the answer and the answer budget
+    parse_answers   how answers become its columns and a status per row
+    describe        what defines its answers: part of the job fingerprint and the cache key
+    lines           what ``labelmill validate`` prints about it
+    evaluation      which ``labelmill eval`` scoring applies to its output ("classify",
+                    "extract", or None)
+
+The pipeline knows nothing else about tasks.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +25,17 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline.backends.base import Completion, Constraint, table_completions
+from pipeline.contracts import (
+    COMMON_FIELDS,
+    Completion,
+    Constraint,
+    Options,
+    Request,
+    Sampling,
+    Status,
+    table_completions,
+)
 
-# Row statuses, in the order the summary prints them. ``invalid``: the model answered, but the answer
-# does not fit the task (the raw answer is kept; rerunning won't change it). ``error``: no answer
-# came (the backend failed for this row after its retries); rerunning the job retries these rows.
-OK, EMPTY, TRUNCATED, INVALID, ERROR = "ok", "empty_input", "truncated", "invalid", "error"
-STATUSES = (OK, TRUNCATED, EMPTY, INVALID, ERROR)
-
-COMMON_FIELDS = [
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("error", pa.string()),
-    pa.field("prompt_tokens", pa.int32()),
-    pa.field("output_tokens", pa.int32()),
-    pa.field("cached_tokens", pa.int32()),
-]
 TRUNCATED_NOTE = "input text was cut to fit the token budget; the answer is for the cut text"
 
 
@@ -31,7 +43,7 @@ TRUNCATED_NOTE = "input text was cut to fit the token budget; the answer is for 
 class RowResult:
     values: dict[str, Any] = field(default_factory=dict)
     """The task's own columns (label, confidence, attributes, ...); missing ones are null."""
-    status: str = OK
+    status: str = Status.OK
     error: str | None = None
     prompt_tokens: int | None = None
     output_tokens: int | None = None
@@ -39,7 +51,7 @@ class RowResult:
 
     @classmethod
     def failed(cls, completion: Completion) -> RowResult:
-        return cls(status=ERROR, error=completion.error)
+        return cls(status=Status.ERROR, error=completion.error)
 
     @classmethod
     def answered(cls, completion: Completion) -> RowResult:
@@ -52,6 +64,18 @@ class RowResult:
 
 class Task(ABC):
     name: ClassVar[str]
+    Settings: ClassVar[type[Options]]
+    """The task's own job keys, at the top level of the job file next to the common ones."""
+    fingerprint_part: ClassVar[str] = "task"
+    """Its name among the fingerprint's components in ``run.json`` (shown when a job changed)."""
+    evaluation: ClassVar[str | None] = None
+    """Which ``labelmill eval`` scoring applies to the output: "classify", "extract" or None."""
+
+    def __init__(self, settings: Options, sampling: Sampling) -> None:
+        """Build from the task's own settings; raise a ConfigError (or subclass) on anything that
+        can't work, such as an unreadable labels file. No model is loaded here."""
+        self.settings = settings
+        self.sampling = sampling
 
     @property
     @abstractmethod
@@ -60,17 +84,35 @@ class Task(ABC):
 
     @abstractmethod
     def prompt_values(self, language: str = "en") -> dict[str, str]:
-        """Built-in template variables (besides ``text``), worded for the template's language."""
+        """Template variables (besides ``text``), worded for the template's language."""
 
     @abstractmethod
     def constraint(self) -> Constraint: ...
 
     @abstractmethod
     def max_tokens(self) -> int:
-        """Answer budget that no valid answer can exceed."""
+        """Answer budget that no valid answer can exceed (``sampling.max_tokens`` overrides)."""
+
+    def request(self) -> Request:
+        """What the backend is asked for each text: the constraint, the budget and the decoding."""
+        return Request(self.constraint(), self.max_tokens(), self.sampling)
 
     @abstractmethod
     def parse(self, completion: Completion, truncated: bool) -> RowResult: ...
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """What defines the task's answers (labels, attributes): part of the job fingerprint, of
+        the cache key and of the run's provenance. JSON-serialisable."""
+
+    def lines(self) -> list[tuple[str, str]]:
+        """``(heading, text)`` lines ``labelmill validate`` prints about the task."""
+        return []
+
+    @property
+    def single_label(self) -> bool:
+        """The output has one ``label`` per row (what ``labelmill bench`` compares)."""
+        return False
 
     @property
     def result_fields(self) -> list[pa.Field]:
@@ -92,15 +134,3 @@ class Task(ABC):
         columns = [pa.array([r.values.get(f.name) for r in results], f.type) for f in self.fields]
         columns += [pa.array([getattr(r, f.name) for r in results], f.type) for f in COMMON_FIELDS]
         return pa.Table.from_arrays(columns, schema=pa.schema(self.result_fields))
-
-    @abstractmethod
-    def describe(self) -> dict:
-        """What defines the task's answers (labels, attributes): part of the job fingerprint and
-        of the run's provenance."""
-
-    def result_from_row(self, row: dict) -> RowResult:
-        """Rebuild a result from an earlier output row (for retrying a chunk's failed rows)."""
-        return RowResult(
-            values={f.name: row[f.name] for f in self.fields},
-            **{f.name: row[f.name] for f in COMMON_FIELDS},
-        )

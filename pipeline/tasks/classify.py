@@ -17,19 +17,56 @@ import math
 import numpy as np
 import polars as pl
 import pyarrow as pa
+from pydantic import Field, model_validator
 
-from pipeline.backends.base import Completion, Constraint
-from pipeline.tasks.base import ERROR, INVALID, OK, TRUNCATED, TRUNCATED_NOTE, RowResult, Task
+from pipeline.contracts import Completion, Constraint, Options, Sampling, Status
+from pipeline.labels import load_labels
+from pipeline.tasks.base import TRUNCATED_NOTE, RowResult, Task
+
+
+class ClassifySettings(Options):
+    """The job keys of ``task: classify``."""
+
+    labels: list[str] | None = None
+    """The label set. Give this or ``labels_file``."""
+    labels_file: str | None = None
+    """Labels from a file: one per line (``#`` comments allowed), or a Shopify taxonomy
+    ``categories.txt`` (``gid://... : A > B > C``), where each label is the full path."""
+    labels_max_depth: int | None = Field(default=None, ge=1)
+    """For taxonomy files: keep categories at most this deep (1 = top level only)."""
+    labels_max: int | None = Field(default=None, ge=2)
+    """Multi-label classification: up to this many labels per row (output column ``labels``)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ClassifySettings:
+        if (self.labels is None) == (self.labels_file is None):
+            raise ValueError("give exactly one of 'labels' or 'labels_file'")
+        if self.labels_max_depth is not None and self.labels_file is None:
+            raise ValueError("'labels_max_depth' applies to 'labels_file' only")
+        return self
 
 
 class ClassifyTask(Task):
     name = "classify"
+    Settings = ClassifySettings
+    fingerprint_part = "labels"
+    evaluation = "classify"
 
-    def __init__(self, labels: list[str], labels_max: int | None = None, max_tokens: int | None = None):
-        self.labels = labels
-        self.labels_max = labels_max if labels_max and labels_max > 1 else None
-        self._max_tokens = max_tokens
-        self._label_set = set(labels)
+    def __init__(self, settings: ClassifySettings, sampling: Sampling | None = None) -> None:
+        super().__init__(settings, sampling or Sampling())
+        self.labels = load_labels(settings.labels, settings.labels_file, settings.labels_max_depth)
+        self.labels_max = settings.labels_max if settings.labels_max and settings.labels_max > 1 else None
+        self._max_tokens = self.sampling.max_tokens
+        self._label_set = set(self.labels)
+
+    @property
+    def single_label(self) -> bool:
+        return not self.labels_max
+
+    def lines(self) -> list[tuple[str, str]]:
+        shown = ", ".join(self.labels[:8]) + (" ..." if len(self.labels) > 8 else "")
+        kind = f", up to {self.labels_max} per row" if self.labels_max else ""
+        return [("labels", f"{len(self.labels)}{kind}: {shown}")]
 
     @property
     def fields(self) -> list[pa.Field]:
@@ -88,7 +125,7 @@ class ClassifyTask(Task):
         result = RowResult.answered(completion)
         picked = self._parse_multi(completion) if self.labels_max else self._parse_one(completion, result)
         if picked is None:
-            result.status = INVALID
+            result.status = Status.INVALID
             result.error = self._invalid_reason(completion.text, completion.finish_reason)
             result.values = {}
             return result
@@ -96,7 +133,7 @@ class ClassifyTask(Task):
         if self.labels_max:
             result.values["labels"] = picked
         if truncated:
-            result.status = TRUNCATED
+            result.status = Status.TRUNCATED
             result.error = TRUNCATED_NOTE
         return result
 
@@ -117,12 +154,12 @@ class ClassifyTask(Task):
                 pl.col("logprob").exp().clip(0.0, 1.0)
             ),
             status=pl.when(failed)
-            .then(pl.lit(ERROR))
+            .then(pl.lit(Status.ERROR.value))
             .when(~valid)
-            .then(pl.lit(INVALID))
+            .then(pl.lit(Status.INVALID.value))
             .when(pl.col("truncated"))
-            .then(pl.lit(TRUNCATED))
-            .otherwise(pl.lit(OK)),
+            .then(pl.lit(Status.TRUNCATED.value))
+            .otherwise(pl.lit(Status.OK.value)),
             error=pl.when(failed)
             .then(pl.col("error"))
             .when(valid & pl.col("truncated"))

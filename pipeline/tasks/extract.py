@@ -18,12 +18,13 @@ An attribute that is not ``required`` may be null (absent from the text).
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import pyarrow as pa
+from pydantic import field_validator, model_validator
 
-from pipeline.backends.base import Completion, Constraint
-from pipeline.config import AttributeSpec
-from pipeline.tasks.base import INVALID, TRUNCATED, TRUNCATED_NOTE, RowResult, Task
+from pipeline.contracts import Completion, Constraint, Options, Sampling, Status
+from pipeline.tasks.base import TRUNCATED_NOTE, RowResult, Task
 
 STRING_MAX_CHARS = 100
 # Words of the attribute list shown to the model, in the prompt template's language.
@@ -35,12 +36,76 @@ _WORDS = {
 }  # fmt: skip
 
 
+class AttributeSpec(Options):
+    """One attribute of an ``extract`` job; it becomes one typed output column."""
+
+    name: str
+    """Column name and the JSON key the model fills: letters (any script, so ``kolor`` or
+    ``płeć``), digits and underscores, not starting with a digit."""
+    type: Literal["enum", "string", "number", "list[enum]"]
+    values: list[str] | None = None
+    """Allowed values, for ``enum`` and ``list[enum]`` (required there, refused elsewhere)."""
+    unit: str | None = None
+    """For ``number``: the unit the model must answer in (e.g. ``count``, ``oz``, ``ml``)."""
+    required: bool = False
+    """If true, an answer without this attribute is ``invalid``; otherwise it may be null."""
+    description: str = ""
+    """Shown to the model next to the name: what the attribute means."""
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not value.isidentifier():
+            raise ValueError(f"attribute name {value!r}: use letters, digits and underscores only")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AttributeSpec:
+        has_values = self.type in ("enum", "list[enum]")
+        if has_values and not self.values:
+            raise ValueError(f"attribute '{self.name}' ({self.type}) needs a non-empty 'values' list")
+        if not has_values and self.values is not None:
+            raise ValueError(f"attribute '{self.name}' ({self.type}) takes no 'values'")
+        if self.values is not None and len(set(self.values)) != len(self.values):
+            raise ValueError(f"attribute '{self.name}' lists a value more than once")
+        if self.unit is not None and self.type != "number":
+            raise ValueError(f"attribute '{self.name}': 'unit' applies to numbers only")
+        return self
+
+
+class ExtractSettings(Options):
+    """The job keys of ``task: extract``."""
+
+    attributes: list[AttributeSpec]
+    """The attributes to fill, each an output column."""
+
+    @field_validator("attributes")
+    @classmethod
+    def _declared(cls, value: list[AttributeSpec]) -> list[AttributeSpec]:
+        if not value:
+            raise ValueError("task: extract needs a non-empty 'attributes' list")
+        names = [a.name for a in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"attributes {dupes} are declared more than once")
+        return value
+
+
 class ExtractTask(Task):
     name = "extract"
+    Settings = ExtractSettings
+    fingerprint_part = "attributes"
+    evaluation = "extract"
 
-    def __init__(self, attributes: list[AttributeSpec], max_tokens: int | None = None):
-        self.attributes = attributes
-        self._max_tokens = max_tokens
+    def __init__(self, settings: ExtractSettings, sampling: Sampling | None = None) -> None:
+        super().__init__(settings, sampling or Sampling())
+        self.attributes = settings.attributes
+        self._max_tokens = self.sampling.max_tokens
+
+    def lines(self) -> list[tuple[str, str]]:
+        names = [a.name for a in self.attributes]
+        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+        return [("attrs", f"{len(names)}: {shown}")]
 
     @property
     def fields(self) -> list[pa.Field]:
@@ -121,12 +186,12 @@ class ExtractTask(Task):
         try:
             result.values.update(self._validate(completion.text))
         except ValueError as exc:
-            result.status = INVALID
+            result.status = Status.INVALID
             cut = " (cut at max_tokens)" if completion.finish_reason == "length" else ""
             result.error = f"answer does not fit the attributes{cut}: {exc}"
             return result
         if truncated:
-            result.status = TRUNCATED
+            result.status = Status.TRUNCATED
             result.error = TRUNCATED_NOTE
         return result
 

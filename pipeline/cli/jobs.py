@@ -1,0 +1,196 @@
+"""``labelmill run | validate | status | export | import``: a job and its run folder."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import click
+
+from pipeline.cli import EXIT_ROW_ERRORS, domain_errors, echo, json_logs, main
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--restart", is_flag=True, help="Delete this run folder's finished parts and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Neither read nor write the shared result cache; the run still asks each distinct text once.",
+)
+@domain_errors
+def run(job_file: str, restart: bool, quiet: bool, no_cache: bool) -> None:
+    """Run a job; rerunning the same command resumes where it stopped."""
+    from pipeline.config import load_job
+    from pipeline.runner import run_job
+
+    # A scheduler's SIGTERM unwinds like Ctrl-C, so the engine is shut down and the lock released.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    job = load_job(job_file)
+    if no_cache:
+        job = job.model_copy(update={"cache": job.cache.model_copy(update={"enabled": False})})
+    progress = not quiet and not json_logs() and sys.stderr.isatty()
+    finish(run_job(job, restart=restart, progress=progress))
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--rows", default=3, show_default=True, help="How many prompts to render.")
+@domain_errors
+def validate(job_file: str, rows: int) -> None:
+    """Check a job without loading a model: inputs, labels, prompt, token counts."""
+    from pipeline.config import load_job
+    from pipeline.errors import BackendError
+    from pipeline.io import read_chunk
+    from pipeline.plan import make_backend, plan_job, text_budget
+    from pipeline.text import row_texts
+
+    plan = plan_job(load_job(job_file))
+    job = plan.job
+    echo(f"job {job_file}: ok")
+    chunks = f"{len(plan.chunks)} chunk(s) of <= {job.chunk_rows}"
+    echo(f"  input   {len(plan.files)} file(s), {plan.rows} rows, {chunks}")
+    echo(f"  task    {job.task}")
+    for heading, text in plan.task.lines():
+        echo(f"  {heading:7} {text}")
+    echo(f"  prompt  {job.prompt} (fingerprint {plan.prompt.fingerprint})")
+    echo(f"  model   {job.model} -> {plan.model} (backend {job.backend})")
+    unused = [name for name in type(job.sections).model_fields if job.section(name) is not None]
+    unused = [name for name in unused if name != plan.backend_class.section]
+    if unused:
+        echo(f"  note    section(s) {', '.join(unused)} belong to other backends: not used by {job.backend}")
+    echo(f"  answer  at most {plan.request.max_tokens} tokens")
+    backend = make_backend(plan)
+    try:
+        budget = text_budget(plan, backend)
+        echo(f"  budget  row text up to {budget if budget else 'unlimited'} tokens")
+    except BackendError as exc:  # a tokenizer that isn't here only limits what validate can show
+        echo(f"  tokens  not counted: {exc.message}")
+        backend = None
+    if not plan.chunks:
+        return
+    first = plan.chunks[0]
+    table = read_chunk(plan.files[first.file_index], first, plan.read_columns)
+    texts = [t for t in row_texts(table.slice(0, 1000), job.text_column, job.text_template) if t][:rows]
+    for n, text in enumerate(texts, 1):
+        messages = plan.prompt.messages(text)
+        shown = backend.render_chat(messages) if backend else messages
+        count = f"{backend.prompt_tokens(messages)} tokens" if backend else "tokens not counted"
+        click.echo(f"--- prompt {n} ({count}) ---")
+        click.echo(shown if isinstance(shown, str) else json.dumps(shown, ensure_ascii=False, indent=2))
+
+
+@main.command()
+@click.argument("run_folder", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@domain_errors
+def status(run_folder: str, as_json: bool) -> None:
+    """Progress of a run folder: chunks, rows, errors, throughput, ETA."""
+    from pipeline.errors import RunStateError
+    from pipeline.runfolder import RunFolder
+
+    folder = RunFolder(run_folder)
+    manifest = folder.manifest()
+    if manifest is None:
+        raise RunStateError(f"{run_folder} is not a labelmill run folder (no run.json)")
+    summary = folder.summarise(manifest)
+    summary["state"] = "running" if folder.is_locked() else ("finished" if summary["complete"] else "stopped")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{run_folder}: {summary['state']}")
+    print_summary(summary, to_err=False)
+
+
+def finish(summary: dict) -> None:
+    """Print a finished run's summary; exit 6 if some rows have no valid answer."""
+    if not json_logs():  # the JSON log already carries the summary as one record
+        print_summary(summary)
+    counts = summary["status_counts"]
+    if counts.get("error") or counts.get("invalid"):
+        sys.exit(EXIT_ROW_ERRORS)
+
+
+def print_summary(s: dict, to_err: bool = True) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items())
+    rate = s["rows_per_second"]
+    lines = [
+        f"chunks  {s['chunks_done']}/{s['chunks_total']}",
+        f"rows    {s['rows_done']}/{s['rows_total']} ({counts})",
+        f"tokens  {s['prompt_tokens']} in ({s.get('cached_tokens', 0)} cached), {s['output_tokens']} out",
+        f"answers {s.get('model_calls', 0)} from the model, {s.get('cache_hits', 0)} from the cache, "
+        f"{s.get('duplicates', 0)} rows shared a duplicate's answer; {s.get('retries', 0)} retries",
+        f"speed   {rate if rate else '-'} rows/s over {s['labelling_seconds']} s of labelling",
+    ]
+    if not s["complete"] and s.get("eta_seconds") is not None:
+        lines.append(f"eta     {s['eta_seconds']:.0f} s")
+    inv = s.get("this_invocation")
+    if inv:
+        lines.append(
+            f"now     {inv['rows_labelled']} rows labelled, {inv['chunks_resumed']} chunks resumed, "
+            f"{inv['wall_seconds']} s wall"
+        )
+    cache = s.get("cache")
+    if cache:
+        lines.append(f"cache   {cache['path']}: {cache['entries']} answers, {cache['bytes'] / 1e6:.1f} MB")
+    lines.append(f"output  {s['run_folder']}/parts/*.parquet")
+    for line in lines:
+        click.echo(line, err=to_err)
+
+
+@main.command("export")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--max-requests", default=50_000, show_default=True, help="Requests per file.")
+@click.option("--max-mb", default=200, show_default=True, help="Megabytes per file.")
+@click.option(
+    "--no-cache", is_flag=True, help="Write requests for texts the result cache already answers, too."
+)
+@domain_errors
+def export_cmd(job_file: str, out_dir: str, max_requests: int, max_mb: int, no_cache: bool) -> None:
+    """Write the requests a job still needs as batch JSONL (OpenAI Batch API, vllm run-batch)."""
+    from pipeline.batchfiles import export_job
+    from pipeline.config import load_job
+
+    job = load_job(job_file)
+    if no_cache:
+        job = job.model_copy(update={"cache": job.cache.model_copy(update={"enabled": False})})
+    result = export_job(job, out_dir, max_requests, max_mb * 1024 * 1024)
+    click.echo(f"{result['requests']} requests for {result['rows']} rows in {len(result['files'])} file(s):")
+    for name in result["files"]:
+        click.echo(f"  {result['folder']}/{name}")
+    click.echo(
+        f"not requested: {result['texts_answered_by_cache']} texts the cache answers, "
+        f"{result['rows_sharing_a_duplicate']} rows sharing a duplicate's request, "
+        f"{result['texts_already_requested']} texts requested by an earlier chunk, "
+        f"{result['rows_in_finished_chunks']} rows in finished chunks"
+    )
+    if result["stale_files_removed"]:
+        click.echo(
+            f"removed {len(result['stale_files_removed'])} file(s) of an earlier export from {out_dir}"
+        )
+
+
+@main.command("import")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--restart", is_flag=True, help="Discard this run folder's parts first (after a job change).")
+@domain_errors
+def import_cmd(job_file: str, results: tuple[str, ...], restart: bool) -> None:
+    """Read batch result JSONL files into the job's run folder, as if the job had run."""
+    from pipeline.batchfiles import import_job
+    from pipeline.config import load_job
+
+    summary = import_job(load_job(job_file), list(results), restart=restart)
+    done = summary["import"]
+    echo(
+        f"imported {done['imported_answers']} answers ({done['answers_used']} used); "
+        f"{done['requests_without_answer']} request(s) had none, {done['failed_answers']} failed"
+    )
+    finish(summary)

@@ -1,0 +1,156 @@
+"""What the parts of labelmill hand each other: answers, constraints, decoding, row statuses.
+
+Tasks, backends, the answer stores and the chunk pipeline all speak in these types, and none of
+them needs to import another to do so. This module imports nothing from labelmill.
+
+    Status          a row's outcome in the output (``ok``, ``truncated``, ``empty_input``, ...)
+    Constraint      what an answer must be: one of a set of strings, or JSON matching a schema
+    Sampling        how an answer is decoded (the job's ``sampling:`` section)
+    Request         what a task asks of a backend for a batch of texts
+    Completion      one answer as a backend returned it
+    ANSWER_SCHEMA   answers as columns: the fields of Completion, one row per request
+    Options         the base of every settings model (unknown keys refused, frozen)
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import astuple, dataclass, fields
+from enum import Enum
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+Messages = list[dict[str, str]]
+"""A chat conversation: ``[{"role": "system", "content": ...}, {"role": "user", ...}]``."""
+
+
+class Status(StrEnum):
+    """A row's outcome. Every input row is in the output with one of these and, unless ``ok``, a
+    reason in ``error``."""
+
+    OK = "ok"
+    TRUNCATED = "truncated"
+    """Labelled, but the text was cut to fit the token budget; the answer is for the cut text."""
+    EMPTY = "empty_input"
+    """Null or blank text: never sent to the model."""
+    INVALID = "invalid"
+    """The model answered, but not within the task (the raw answer is kept; a rerun won't change it)."""
+    ERROR = "error"
+    """No answer came (the backend failed for this row after its retries); a rerun retries it."""
+
+
+STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
+"""Status values in the order summaries print them."""
+LABELLED: tuple[str, ...] = (Status.OK.value, Status.TRUNCATED.value)
+"""Statuses of rows that carry an answer."""
+
+
+class Options(BaseModel):
+    """Base of every settings model: unknown keys are refused with their name, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sampling(Options):
+    """How the answer is decoded. Greedy by default, so a rerun gives the same labels."""
+
+    temperature: float = Field(default=0.0, ge=0)
+    """0 = greedy (argmax at each step); above 0 samples from the label-constrained distribution."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    """Answer length cap. None = computed by the task from its longest valid answer, so none is cut."""
+    seed: int | None = None
+    """Per-request seed for sampling (temperature > 0)."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer must be: one of ``choice``, or a JSON document matching ``json_schema``."""
+
+    choice: tuple[str, ...] | None = None
+    json_schema: dict | None = None
+
+    def __post_init__(self) -> None:
+        if (self.choice is None) == (self.json_schema is None):
+            raise ValueError("a Constraint is either a choice or a JSON schema")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the task asks of the backend for every text of a batch."""
+
+    constraint: Constraint
+    max_tokens: int
+    """Answer budget that no valid answer exceeds."""
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One answer, as the backend returned it. Parsing it into columns is the task's job."""
+
+    text: str
+    logprob: float | None
+    """Sum of the answer tokens' log-probabilities after the constraint was applied (the
+    constrained decoder's probability of this answer), or None if not available."""
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str | None
+    cached_tokens: int | None = None
+    """Prompt tokens served from a prefix or prompt cache, where the backend says so."""
+    error: str | None = None
+    """Why no answer came (after retries); the row gets status ``error`` and is retried on rerun."""
+    retries: int = 0
+
+    @classmethod
+    def failed(cls, reason: str, retries: int = 0) -> Completion:
+        return cls("", None, 0, 0, None, error=reason, retries=retries)
+
+
+ANSWER_SCHEMA = pa.schema(
+    [
+        pa.field("text", pa.string()),
+        pa.field("logprob", pa.float64()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("output_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("cached_tokens", pa.int32()),
+        pa.field("error", pa.string()),
+        pa.field("retries", pa.int32()),
+    ]
+)
+"""Answers as columns, one row per request: the fields of :class:`Completion`, in its order."""
+
+
+def answers_table(completions: list[Completion]) -> pa.Table:
+    """Completions as an answers table (``ANSWER_SCHEMA``)."""
+    columns = list(zip(*(astuple(c) for c in completions), strict=True)) or [()] * len(ANSWER_SCHEMA)
+    return pa.Table.from_arrays(
+        [pa.array(col, f.type) for col, f in zip(columns, ANSWER_SCHEMA, strict=True)], schema=ANSWER_SCHEMA
+    )
+
+
+def table_completions(answers: pa.Table) -> list[Completion]:
+    """An answers table back as Completion objects (for code that handles one answer at a time)."""
+    names = [f.name for f in fields(Completion)]
+    return [Completion(**row) for row in answers.select(names).to_pylist()]
+
+
+COMMON_FIELDS = [
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("output_tokens", pa.int32()),
+    pa.field("cached_tokens", pa.int32()),
+]
+"""Output columns every task's rows carry after the task's own."""

@@ -1,0 +1,129 @@
+"""Single-label classification: accuracy, per-class table, macro/micro F1, confusion, calibration."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from pipeline.evaluation.scores import _f1, _ratio
+
+NONE = "(none)"
+BINS = 10
+PRECISION_TARGET = 0.95
+
+
+def classification_metrics(gold: list[str], predicted: list[str | None]) -> dict:
+    """Accuracy, per-class table, macro/micro F1 over gold classes, confusion matrix (rows = gold)."""
+    n = len(gold)
+    pred = [p if p is not None else NONE for p in predicted]
+    gold_classes = sorted(set(gold))
+    classes = sorted(set(gold) | {p for p in pred if p != NONE})
+    support, predicted_count, right = Counter(gold), Counter(pred), Counter()
+    pairs = Counter(zip(gold, pred, strict=True))
+    for (g, p), c in pairs.items():
+        if g == p:
+            right[g] += c
+    per_class = []
+    for c in classes:
+        p, r = _ratio(right[c], predicted_count[c]), _ratio(right[c], support[c])
+        per_class.append(
+            {
+                "label": c,
+                "precision": p,
+                "recall": r,
+                "f1": _f1(p, r),
+                "support": support[c],
+                "predicted": predicted_count[c],
+                "never_predicted": predicted_count[c] == 0,
+                "not_in_gold": support[c] == 0,
+            }
+        )
+    tp = sum(right[c] for c in gold_classes)
+    micro_p = _ratio(tp, sum(predicted_count[c] for c in gold_classes))
+    micro_r = _ratio(tp, sum(support[c] for c in gold_classes))
+    f1s = {row["label"]: row["f1"] for row in per_class}
+    columns = [*classes, NONE]
+    return {
+        "rows": n,
+        "accuracy": _ratio(sum(right.values()), n),
+        "macro_f1": _ratio(sum(f1s[c] for c in gold_classes), len(gold_classes)),
+        "micro_precision": micro_p,
+        "micro_recall": micro_r,
+        "micro_f1": _f1(micro_p, micro_r),
+        "unlabelled": predicted_count[NONE],
+        "per_class": per_class,
+        "confusion": {
+            "rows": classes,
+            "columns": columns,
+            "matrix": [[pairs[(g, p)] for p in columns] for g in classes],
+        },
+    }
+
+
+def calibration(correct: list[bool], confidence: list[float | None], thresholds: list[float]) -> dict:
+    """Reliability bins, ECE, accuracy at thresholds and the lowest 95%-precision threshold.
+
+    ``correct`` and ``confidence`` run over all scored rows; rows without a confidence are left out
+    of the bins but stay in the denominator of every "share".
+    """
+    scored = len(correct)
+    rows = [(c, ok) for c, ok in zip(confidence, correct, strict=True) if c is not None and not math.isnan(c)]
+    n = len(rows)
+    bins = []
+    for b in range(BINS):
+        members = [(c, ok) for c, ok in rows if _bin(c) == b]
+        k = len(members)
+        bins.append(
+            {
+                "lower": b / BINS,
+                "upper": (b + 1) / BINS,
+                "rows": k,
+                "mean_confidence": sum(c for c, _ in members) / k if k else None,
+                "accuracy": sum(ok for _, ok in members) / k if k else None,
+            }
+        )
+    ece = (
+        sum(abs(b["accuracy"] - b["mean_confidence"]) * b["rows"] for b in bins if b["rows"]) / n
+        if n
+        else None
+    )
+    return {
+        "rows_with_confidence": n,
+        "bins": bins,
+        "ece": ece,
+        "thresholds": [_accepted(rows, t, scored) for t in thresholds],
+        "precision_target": PRECISION_TARGET,
+        "lowest_threshold_for_target": lowest_threshold(rows, scored, PRECISION_TARGET),
+    }
+
+
+def _bin(confidence: float) -> int:
+    """[0, 0.1) -> 0, ..., [0.9, 1.0] -> 9: the last bin is closed so a confidence of 1 has a home."""
+    return max(0, min(int(confidence * BINS), BINS - 1))
+
+
+def _accepted(rows: list[tuple[float, bool]], t: float, scored: int) -> dict:
+    taken = [ok for c, ok in rows if c >= t]
+    return {
+        "threshold": t,
+        "accepted": len(taken),
+        "share": _ratio(len(taken), scored),
+        "accuracy": sum(taken) / len(taken) if taken else None,
+    }
+
+
+def lowest_threshold(rows: list[tuple[float, bool]], scored: int, target: float) -> dict | None:
+    """Accuracy of accepted rows is not monotone in t, so every distinct confidence is tried, lowest first."""
+    ordered = sorted(rows, key=lambda r: -r[0])
+    best, taken, right = None, 0, 0
+    for i, (c, ok) in enumerate(ordered):
+        taken, right = taken + 1, right + ok
+        last_of_value = i + 1 == len(ordered) or ordered[i + 1][0] < c
+        if last_of_value and right >= target * taken - 1e-12:
+            best = {
+                "threshold": c,
+                "accepted": taken,
+                "share": _ratio(taken, scored),
+                "accuracy": right / taken,
+            }
+    return best

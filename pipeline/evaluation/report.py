@@ -1,0 +1,242 @@
+"""eval.md: the report in Markdown, and confusion.csv."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+DEFINITIONS = [
+    "Scored rows: ids present in both the run and the gold file, with a gold value. Rows with a status "
+    "other than ok/truncated are scored as wrong, with no label ('(none)').",
+    "Per class: precision = right / predicted, recall = right / gold support, 0/0 = 0 (a class never "
+    "predicted has precision 0).",
+    "Macro F1 = mean per-class F1 over the gold classes; micro P/R/F1 are pooled over the gold classes "
+    "(a '(none)' or non-gold prediction costs recall, not precision).",
+    "Coverage = share of scored rows with status ok or truncated.",
+    "Calibration: rows with a confidence; 10 equal-width bins; ECE = sum |accuracy - mean confidence| "
+    "x bin rows / rows. Accepted at t = confidence >= t; share = accepted / all scored rows.",
+    "95%-precision threshold: the lowest distinct confidence value at which accepted rows are >= 95% right.",
+    "Multi-label: samples-averaged P/R/F1 (0/0 = 0), micro and macro over the union of gold and "
+    "predicted labels, exact-set accuracy.",
+    "Extraction: a single-valued attribute's gold values are alternatives (TP if the prediction is one "
+    "of them, else FP if predicted and FN if gold has a value); list attributes compare as sets. "
+    "Overall = micro over attributes.",
+    "Exact match: strings character for character, numbers as numbers, a number never equals a string. "
+    "Normalised match: Unicode NFKC, casefold, whitespace collapsed and stripped; decimal-number strings "
+    "become numbers, compared as floats.",
+]
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def markdown(report: dict) -> str:
+    """eval.md for a report; it shows a picture only if ``report["files"]`` lists it."""
+    j, run = report["join"], report["run"]
+    statuses = ", ".join(f"{k} {v}" for k, v in run["status_counts"].items())
+    lines = [
+        f"# labelmill eval: {report['run_folder']}",
+        "",
+        f"Gold: `{report['gold_file']}` column `{report['gold_column']}`, joined on `{report['on']}` "
+        f"(run column `{report['run_id_column']}`). Task: {report['kind']}; model: {run['model']}.",
+        "",
+        "## Rows",
+        "",
+        "| | rows |",
+        "|---|---:|",
+        f"| in the run ({statuses}) | {j['run_rows']} |",
+        f"| in the gold file | {j['gold_rows']} |",
+        f"| in both | {j['matched']} |",
+        f"| only in the run (not scored) | {j['only_in_run']} |",
+        f"| only in the gold file (not scored) | {j['only_in_gold']} |",
+        f"| in both, gold value missing (not scored) | {j['gold_missing']} |",
+        f"| **scored** | **{j['scored']}** |",
+        "",
+        f"Coverage (scored rows with status ok or truncated): {_pct(report['coverage'])}.",
+    ]
+    if j["only_in_run"]:
+        lines.append(f"Only in the run, e.g.: {', '.join(j['only_in_run_examples'])}.")
+    if j["only_in_gold"]:
+        lines.append(f"Only in the gold file, e.g.: {', '.join(j['only_in_gold_examples'])}.")
+    if j["ids_compared_as_text"]:
+        lines.append("The id columns have different types; ids were compared as text.")
+    if run["chunks_total"] is not None and run["parts"] < run["chunks_total"]:
+        lines.append(f"The run is not finished: {run['parts']} of {run['chunks_total']} parts.")
+    files = set(report["files"])
+    if report["kind"] == "classify":
+        lines += _classification_md(report["classification"], files)
+    elif report["kind"] == "multilabel":
+        lines += _multilabel_md(report["multilabel"])
+    else:
+        lines += _extraction_md(report["extraction"], files)
+    lines += ["", "## Definitions", ""] + [f"- {d}" for d in report["definitions"]]
+    return "\n".join(lines) + "\n"
+
+
+def _picture(files: set[str], name: str, caption: str) -> list[str]:
+    """The image line and its blank line, only for a picture that was written (not with --no-charts)."""
+    return [f"![{caption}]({name})", ""] if name in files else []
+
+
+def _classification_md(m: dict, files: set[str]) -> list[str]:
+    lines = [
+        "",
+        "## Scores",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        f"| accuracy | {_f(m['accuracy'])} |",
+        f"| macro F1 (gold classes) | {_f(m['macro_f1'])} |",
+        f"| micro precision / recall / F1 (gold classes) | {_f(m['micro_precision'])} / "
+        f"{_f(m['micro_recall'])} / {_f(m['micro_f1'])} |",
+        f"| rows without a label | {m['unlabelled']} |",
+        "",
+        "## Per class",
+        "",
+        "| class | precision | recall | F1 | support | predicted | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in m["per_class"]:
+        note = "; ".join(
+            n
+            for n, flag in (
+                ("never predicted: precision 0", c["never_predicted"]),
+                ("not in gold: recall 0", c["not_in_gold"]),
+            )
+            if flag
+        )
+        lines.append(
+            f"| {c['label']} | {_f(c['precision'])} | {_f(c['recall'])} | {_f(c['f1'])} | {c['support']} | "
+            f"{c['predicted']} | {note} |"
+        )
+    if m.get("gold_labels_not_in_label_set"):
+        lines += [
+            "",
+            f"Gold classes not in the run's label set: {', '.join(m['gold_labels_not_in_label_set'])}.",
+        ]
+    lines += [
+        "",
+        "## Confusion matrix",
+        "",
+        "Rows: gold; columns: predicted. Full table: `confusion.csv`.",
+    ]
+    if "confusion.png" in files:
+        lines += ["", "![confusion matrix](confusion.png)"]
+    cal = m["calibration"]
+    lines += ["", "## Calibration of confidence", ""]
+    if not cal["rows_with_confidence"]:
+        return [*lines, "No scored row has a confidence."]
+    lines += [
+        f"Rows with a confidence: {cal['rows_with_confidence']}. Expected calibration error (10 bins): "
+        f"**{_f(cal['ece'])}**.",
+        "",
+        *_picture(files, "reliability.png", "reliability diagram"),
+        "| bin | rows | mean confidence | accuracy |",
+        "|---|---:|---:|---:|",
+    ]
+    for b in cal["bins"]:
+        lines.append(
+            f"| [{b['lower']:.1f}, {b['upper']:.1f}{']' if b['upper'] >= 1 else ')'} | {b['rows']} | "
+            f"{_f(b['mean_confidence'])} | {_f(b['accuracy'])} |"
+        )
+    lines += [
+        "",
+        "| accept if confidence >= | accepted rows | share of scored rows | accuracy |",
+        "|---:|---:|---:|---:|",
+    ]
+    for t in cal["thresholds"]:
+        lines.append(f"| {t['threshold']:g} | {t['accepted']} | {_pct(t['share'])} | {_f(t['accuracy'])} |")
+    best = cal["lowest_threshold_for_target"]
+    target = f"{cal['precision_target']:.0%}"
+    if best is None:
+        lines += ["", f"No confidence threshold reaches {target} accuracy on the accepted rows."]
+    else:
+        lines += [
+            "",
+            f"Lowest threshold with {target} accuracy on the accepted rows: **{best['threshold']:.4g}**, "
+            f"accepting {best['accepted']} rows ({_pct(best['share'])} of scored rows, accuracy "
+            f"{_f(best['accuracy'])}).",
+        ]
+    return lines
+
+
+def _multilabel_md(m: dict) -> list[str]:
+    lines = [
+        "",
+        "## Scores (multi-label)",
+        "",
+        f"Exact-set accuracy: {_f(m['exact_set_accuracy'])}.",
+        "",
+        "| average | precision | recall | F1 |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in ("samples", "micro", "macro"):
+        s = m[name]
+        lines.append(f"| {name} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} |")
+    lines += [
+        "",
+        "## Per label",
+        "",
+        "| label | precision | recall | F1 | support |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for c in m["per_label"]:
+        lines.append(
+            f"| {c['label']} | {_f(c['precision'])} | {_f(c['recall'])} | {_f(c['f1'])} | {c['support']} |"
+        )
+    return lines
+
+
+def _extraction_md(m: dict, files: set[str]) -> list[str]:
+    lines = [
+        "",
+        "## Scores per attribute",
+        "",
+        *_picture(files, "attributes.png", "F1 per attribute"),
+        "Exact: values as given. Normalised: Unicode NFKC, casefold, whitespace collapsed and stripped, "
+        "numbers compared as floats.",
+        "",
+        "| attribute | type | gold rows | predicted rows | exact P | exact R | exact F1 "
+        "| norm. P | norm. R | norm. F1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for a in m["per_attribute"]:
+        e, n = a["exact"], a["normalised"]
+        lines.append(
+            f"| {a['attribute']} | {a['type']} | {a['gold_rows']} | {a['predicted_rows']} "
+            f"| {_f(e['precision'])} | {_f(e['recall'])} | {_f(e['f1'])} "
+            f"| {_f(n['precision'])} | {_f(n['recall'])} | {_f(n['f1'])} |"
+        )
+    e, n = m["overall"]["exact"], m["overall"]["normalised"]
+    lines.append(
+        f"| **overall (micro)** | | | | {_f(e['precision'])} | {_f(e['recall'])} | {_f(e['f1'])} | "
+        f"{_f(n['precision'])} | {_f(n['recall'])} | {_f(n['f1'])} |"
+    )
+    lines += ["", "| counts | TP | FP | FN |", "|---|---:|---:|---:|"]
+    lines += [f"| overall, {mode} | {t['tp']} | {t['fp']} | {t['fn']} |" for mode, t in m["overall"].items()]
+    if m["attributes_never_in_gold"]:
+        lines += [
+            "",
+            "Never in gold (every prediction counts as a false positive): "
+            f"{', '.join(m['attributes_never_in_gold'])}.",
+        ]
+    if m["unmatched_gold_attributes"]:
+        shown = ", ".join(
+            f"{k} ({v} row{'s' if v != 1 else ''})" for k, v in m["unmatched_gold_attributes"].items()
+        )
+        lines += ["", f"Gold attributes the run does not extract (not scored): {shown}."]
+    return lines
+
+
+def write_confusion_csv(confusion: dict, path: Path) -> None:
+    """The whole confusion matrix, unfolded: one row per gold class, one column per prediction."""
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["gold \\ predicted", *confusion["columns"]])
+        for label, row in zip(confusion["rows"], confusion["matrix"], strict=True):
+            writer.writerow([label, *row])

@@ -1,0 +1,275 @@
+"""The chunk pipeline: what happens to one chunk of rows, the same for every command.
+
+    rows -> text (cleaned, cut to the token budget; empty rows set aside)
+         -> questions: rows whose normalised text is equal are asked once, with the first spelling
+         -> the answer store: texts answered before (this run's earlier chunks, earlier runs)
+         -> the answer source: the backend (``run``), batch request files (``export``) or batch
+            result files (``import``)
+         -> the task parses the answers -> the chunk's output table, every row, in input order
+
+``run``, ``export``, ``import`` and ``bench`` differ only in the answer source they plug in and in
+what they do with the result; everything here is shared, and works on whole columns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import __version__
+from pipeline.backends.base import Backend
+from pipeline.contracts import ANSWER_SCHEMA, Request, Status
+from pipeline.dedupe import group_rows, normalise_texts
+from pipeline.errors import BackendError
+from pipeline.io import Chunk, InputFile
+from pipeline.plan import Plan
+from pipeline.prompts import RenderedPrompt
+from pipeline.tasks.base import RowResult
+from pipeline.text import text_series
+
+
+@dataclass
+class Questions:
+    """What a chunk still needs answered after the answer store: one entry per distinct text."""
+
+    chunk: Chunk
+    texts: pl.Series
+    """Each text as it is sent: the first spelling met, cleaned and cut to the budget."""
+    keys: pl.Series
+    """Each text's key: its normalised form (the text itself when duplicates are not collapsed)."""
+    rows: np.ndarray
+    """The chunk row each text was first met in."""
+    prompt: RenderedPrompt
+    request: Request
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+class AnswerSource(Protocol):
+    """Where answers come from once the answer store has none."""
+
+    def answer(self, questions: Questions) -> pa.Table | None:
+        """An answers table (``ANSWER_SCHEMA``), one row per question in order; or None when the
+        answers come later (``export`` writes requests), and the chunk stays unfinished."""
+
+
+class AnswerStore(Protocol):
+    """Answers kept by normalised text (``pipeline/cache.py``)."""
+
+    def lookup(self, keys: pl.Series) -> tuple[np.ndarray, pa.Table]: ...
+
+    def add(self, keys: pl.Series, sent: pl.Series, answers: pa.Table) -> None: ...
+
+
+class BackendSource:
+    """The live backend: asked once per chunk, every question in one call."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def answer(self, questions: Questions) -> pa.Table:
+        return self.backend.answer(questions.prompt, questions.texts, questions.request)
+
+
+@dataclass
+class ChunkStats:
+    """Where a chunk's answers came from. rows needing an answer = model_calls + cache_hits +
+    duplicates; the token counts are what the model processed, not what the rows carry."""
+
+    model_calls: int = 0
+    """Distinct texts sent to the answer source."""
+    cache_hits: int = 0
+    """Distinct texts answered from the answer store."""
+    duplicates: int = 0
+    """Rows answered by an earlier row of the chunk with the same normalised text."""
+    retries: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+    def count(self, answers: pa.Table) -> None:
+        """Add the retries and tokens of fresh answers (``ANSWER_SCHEMA``)."""
+        for name in ("retries", "prompt_tokens", "output_tokens", "cached_tokens"):
+            total = pc.sum(answers.column(name)).as_py() if answers.num_rows else 0
+            setattr(self, name, getattr(self, name) + (total or 0))
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class PendingChunk:
+    """A chunk's rows with their text ready; ``todo`` are the rows still needing an answer.
+
+    Rows not in ``todo`` take their result from ``kept`` (row ``source[i]`` for row ``i``): the
+    empty-input result, or this chunk's earlier output when only its failed rows are redone.
+    """
+
+    chunk: Chunk
+    table: pa.Table
+    texts: pl.Series
+    """Each row's text as it is sent (cleaned, cut to the budget); null where the row has none."""
+    todo: np.ndarray
+    truncated: np.ndarray
+    """Per row: its text was cut to fit the token budget."""
+    kept: pa.Table
+    source: np.ndarray
+
+
+class ChunkPipeline:
+    """Labels chunks of one plan: ``label`` turns a chunk's input rows into its output rows."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        backend: Backend,
+        budget: int | None,
+        store: AnswerStore | None,
+        source: AnswerSource,
+    ) -> None:
+        """``backend`` counts and cuts tokens (it is not started for that); ``budget`` is the most
+        tokens a row's text may have; ``store`` may be None (nothing shared, every row asked)."""
+        self.plan = plan
+        self.backend = backend
+        self.budget = budget
+        self.store = store
+        self.source = source
+        self.request = plan.request
+
+    def label(
+        self, table: pa.Table, chunk: Chunk, previous: pa.Table | None = None
+    ) -> tuple[pa.Table | None, ChunkStats]:
+        """The chunk's output table (same rows, same order) and where its answers came from; the
+        table is None when the source answers later. With ``previous`` (this chunk's earlier
+        output), only its rows with status ``error`` are asked again."""
+        pending = self.prepare(table, chunk, previous)
+        texts = pending.texts.gather(pending.todo)
+        dedupe = self.plan.job.dedupe
+        if dedupe.enabled:
+            keys = normalise_texts(texts, dedupe)
+            first, group = group_rows(keys)
+        else:
+            keys = texts
+            first = group = np.arange(len(texts), dtype=np.int64)
+        # A group's key is its normalised text. Each key is asked once per store: the first spelling
+        # met is sent, and every spelling of the key, in any chunk, gets its answer.
+        sent, keys = texts.gather(first), keys.gather(first)
+        if self.store is not None:
+            hits, stored = self.store.lookup(keys)
+        else:
+            hits, stored = np.empty(0, dtype=np.int64), ANSWER_SCHEMA.empty_table()
+        missing = np.ones(len(sent), dtype=bool)
+        missing[hits] = False
+        ask = np.flatnonzero(missing)
+        stats = ChunkStats(model_calls=len(ask), cache_hits=len(hits), duplicates=len(texts) - len(sent))
+        fresh = ANSWER_SCHEMA.empty_table()
+        if len(ask):
+            questions = Questions(
+                chunk,
+                sent.gather(ask),
+                keys.gather(ask),
+                pending.todo[first[ask]],
+                self.plan.prompt,
+                self.request,
+            )
+            answers = self.source.answer(questions)
+            if answers is None:
+                return None, stats
+            if answers.num_rows != len(ask):
+                raise BackendError(
+                    f"the answer source gave {answers.num_rows} answers to {len(ask)} questions"
+                )
+            fresh = answers
+            if self.store is not None:
+                self.store.add(questions.keys, questions.texts, fresh)
+        order = np.empty(len(sent), dtype=np.int64)
+        order[hits] = np.arange(len(hits))
+        order[ask] = len(hits) + np.arange(len(ask))
+        per_group = pa.concat_tables([stored, fresh]).take(pa.array(order))
+        stats.count(fresh)
+        return self.finish(pending, per_group.take(pa.array(group))), stats
+
+    def prepare(self, table: pa.Table, chunk: Chunk, previous: pa.Table | None = None) -> PendingChunk:
+        """Row text, empty rows, truncation."""
+        job, task = self.plan.job, self.plan.task
+        texts = text_series(table, job.text_column, job.text_template)
+        rows = table.num_rows
+        if previous is None:
+            todo = np.flatnonzero(texts.is_not_null().to_numpy())
+            kept = task.results_table([RowResult(status=Status.EMPTY, error="text is null or blank")])
+            source = np.zeros(rows, dtype=np.int64)
+        else:
+            schema = pa.schema(task.result_fields)
+            kept = pa.Table.from_arrays([previous.column(f.name).cast(f.type) for f in schema], schema=schema)
+            failed = pc.equal(previous.column("status"), Status.ERROR.value)
+            todo = np.flatnonzero(failed.to_numpy(zero_copy_only=False))
+            source = np.arange(rows, dtype=np.int64)
+        truncated = np.zeros(rows, dtype=bool)
+        budget = self.budget
+        if budget is not None and len(todo):
+            # A token carries at least one byte of the text (one more for a tokenizer's leading word
+            # marker), so only texts longer than the budget in bytes can be over it: count just those.
+            lengths = texts.gather(todo).str.len_bytes().to_numpy()
+            longer = todo[lengths + 1 > budget]
+            candidates = texts.gather(longer).to_list()
+            counts = self.backend.count_tokens(candidates)
+            cut = [
+                (i, self.backend.truncate(text, budget))
+                for i, text, n in zip(longer, candidates, counts, strict=True)
+                if n > budget
+            ]
+            if cut:
+                where = np.array([i for i, _ in cut], dtype=np.int64)
+                texts = texts.scatter(where, [text for _, text in cut])
+                truncated[where] = True
+        return PendingChunk(chunk, table, texts, todo, truncated, kept, source)
+
+    def finish(self, pending: PendingChunk, answers: pa.Table) -> pa.Table:
+        """The chunk's output table, given the answers (``ANSWER_SCHEMA``) of its ``todo`` rows."""
+        parsed = self.plan.task.parse_answers(answers, pa.array(pending.truncated[pending.todo]))
+        index = pending.source.copy()
+        index[pending.todo] = pending.kept.num_rows + np.arange(len(pending.todo))
+        results = pa.concat_tables([pending.kept, parsed]).take(pa.array(index))
+        return output_table(self.plan, pending.table, pending.chunk, results)
+
+
+def output_table(plan: Plan, table: pa.Table, chunk: Chunk, results: pa.Table) -> pa.Table:
+    """Ids, kept columns, then the task's and the common result columns, with provenance in the
+    schema metadata."""
+    job = plan.job
+    if job.id_column:
+        ids = table.column(job.id_column)
+    else:
+        name = _relative_name(plan.files[chunk.file_index].path, plan.files)
+        rows = pl.int_range(chunk.start, chunk.start + table.num_rows, eager=True).cast(pl.String)
+        ids = (f"{name}:" + rows).to_arrow().cast(pa.string())
+    columns = [ids] + [table.column(c) for c in job.keep_columns if c != job.id_column]
+    columns += results.columns
+    metadata = {
+        b"labelmill": json.dumps(
+            {
+                "job_fingerprint": plan.manifest.fingerprint,
+                "model": job.model,
+                "model_fingerprint": plan.manifest.provenance["model_fingerprint"],
+                "prompt_fingerprint": plan.prompt.fingerprint,
+                "chunk": chunk.index,
+                "labelmill_version": __version__,
+            }
+        ).encode()
+    }
+    return pa.Table.from_arrays(columns, schema=plan.schema.with_metadata(metadata))
+
+
+def _relative_name(path, files: list[InputFile]) -> str:
+    if len(files) == 1:
+        return path.name
+    root = os.path.commonpath([str(f.path.parent) for f in files])
+    return os.path.relpath(path, root)

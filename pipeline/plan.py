@@ -1,0 +1,208 @@
+"""A job's plan: everything that can be checked and decided before a model loads.
+
+    inputs (files, row counts, footer hashes) -> columns and their types -> ids unique
+    task (its settings, labels or attributes) -> prompt rendered with the task's variables
+    model resolved (a local folder for backends that load weights) -> output schema
+    chunk plan -> fingerprint of everything that decides the output -> the run manifest
+
+``labelmill validate``, ``run``, ``export``, ``import`` and ``bench`` all start here, so a bad job
+fails the same way in each, before any model work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline import __version__, plugins
+from pipeline.backends.base import Backend
+from pipeline.config import JobConfig
+from pipeline.contracts import COMMON_FIELDS, Request
+from pipeline.errors import ConfigError, InputFormatError
+from pipeline.io import Chunk, InputFile, check_columns, check_ids, describe, find_inputs, plan_chunks
+from pipeline.models import labelmill_home, model_fingerprint, resolve_model
+from pipeline.prompts import RenderedPrompt, render
+from pipeline.runfolder import Manifest
+from pipeline.tasks.base import Task
+from pipeline.text import text_columns
+
+GENERATED_ID = "row_id"
+# Tokens kept free between the prompt and the context limit: a cut text can re-tokenise a little
+# longer where it joins the template.
+_TOKEN_MARGIN = 8
+
+
+@dataclass
+class Plan:
+    job: JobConfig
+    task: Task
+    backend_class: type[Backend]
+    prompt: RenderedPrompt
+    model: str
+    """What the backend loads or names: a local folder for backends that load weights."""
+    files: list[InputFile]
+    chunks: list[Chunk]
+    id_column: str
+    read_columns: list[str]
+    schema: pa.Schema
+    manifest: Manifest = field(repr=False)
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def request(self) -> Request:
+        return self.task.request()
+
+    @property
+    def namespace(self) -> str:
+        """The answer stores' key for this job: everything besides the text that decides an
+        answer (model, prompt, sampling, backend settings, the task's own, normalisation)."""
+        c = self.manifest.components
+        parts = [c[k] for k in ("model", "prompt", "sampling", self.backend_class.section) if k in c]
+        parts += [c[self.task.fingerprint_part], self.job.task, self.job.dedupe.model_dump()]
+        return digest(parts)
+
+
+def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
+    """Everything that can be checked without a model; raises a LabelmillError on the first problem."""
+    files = describe(find_inputs(job.input))
+    task = plugins.task_class(job.task)(job.task_settings, job.sampling)
+    backend_class = plugins.backend_class(job.backend)
+    prompt = render(job.prompt, task, job.prompt_vars)
+    model = resolve_model(job.model) if backend_class.loads_weights else job.model
+    text_cols = text_columns(job.text_column, job.text_template)
+    id_cols = [job.id_column] if job.id_column else []
+    read_columns = list(dict.fromkeys(id_cols + job.keep_columns + text_cols))
+    types = check_columns(files, read_columns)
+    for col in text_cols:
+        if pa.types.is_nested(types[col]):
+            raise InputFormatError(
+                f"text column '{col}' is {types[col]}: a list, struct or map can't be read as text",
+                hint="point text_column / text_template at a string column",
+            )
+    id_column = job.id_column or GENERATED_ID
+    output_fields = task.fields + COMMON_FIELDS
+    clash = {f.name for f in output_fields} | ({GENERATED_ID} if not job.id_column else set())
+    bad = sorted(clash & set(job.keep_columns + id_cols))
+    if bad:
+        raise ConfigError(
+            f"column(s) {bad} would clash with labelmill's output columns",
+            hint="rename them in the input, or leave them out of keep_columns",
+        )
+    if job.id_column and check_id_values:
+        check_ids(files, job.id_column)
+    out_fields = [pa.field(id_column, types[job.id_column] if job.id_column else pa.string())]
+    out_fields += [pa.field(c, types[c]) for c in job.keep_columns if c != job.id_column]
+    schema = pa.schema(out_fields + output_fields)
+    chunks = plan_chunks(files, job.chunk_rows)
+    manifest = _manifest(job, task, backend_class, prompt, model, files, chunks, text_cols, id_column)
+    return Plan(
+        job, task, backend_class, prompt, model, files, chunks, id_column, read_columns, schema, manifest
+    )
+
+
+def _manifest(job, task, backend_class, prompt, model, files, chunks, text_cols, id_column) -> Manifest:
+    weights = model_fingerprint(model)
+    answers_spec = task.describe()
+    settings = job.backend_settings
+    identity = backend_class.identity(settings)
+    components = {
+        "input": digest([f.identity for f in files]),
+        "rows": digest(
+            [text_cols, job.text_template, job.id_column, job.keep_columns, job.dedupe.model_dump()]
+        ),
+        task.fingerprint_part: digest(answers_spec),
+        "prompt": prompt.fingerprint,
+        "model": digest([job.backend, job.model, weights]),
+        "sampling": digest(job.sampling.model_dump()),
+        "chunking": digest([job.chunk_rows, job.max_input_tokens, job.task]),
+    }
+    if identity is not None:
+        components[backend_class.section or job.backend] = digest(identity)
+    provenance = {
+        "backend": job.backend,
+        "model": job.model,
+        "model_path": model,
+        "model_fingerprint": weights,
+        "prompt_file": job.prompt,
+        "prompt_fingerprint": prompt.fingerprint,
+        **answers_spec,
+        "sampling": job.sampling.model_dump(),
+    }
+    if backend_class.section:
+        provenance[backend_class.section] = backend_class.describe_settings(settings)
+    return Manifest(
+        labelmill_version=__version__,
+        created_at=now(),
+        fingerprint=digest(components),
+        components=components,
+        task=job.task,
+        evaluation=task.evaluation,
+        provenance=provenance,
+        inputs=[f.identity for f in files],
+        rows=sum(f.rows for f in files),
+        chunks=len(chunks),
+        chunk_rows=job.chunk_rows,
+        id_column=id_column,
+    )
+
+
+def make_backend(plan: Plan) -> Backend:
+    """The job's backend, not started: it starts on its first uncached text."""
+    return plan.backend_class(plan.job.backend_settings, plan.model)
+
+
+def check_backend(plan: Plan, backend: Backend) -> None:
+    """A backend handed in from outside (``run_job(..., backend=...)``) must be the job's: the
+    same kind, model and settings, or the run folder would vouch for answers it did not get."""
+    if backend.name != plan.job.backend or backend.model != plan.model:
+        raise ConfigError(
+            f"the backend given is {backend.name} with model {backend.model!r}, but the job asks for "
+            f"{plan.job.backend} with {plan.model!r}",
+            hint="build the backend from the job (pipeline.plan.make_backend), or change the job",
+        )
+    if backend.settings != plan.job.backend_settings:
+        raise ConfigError(
+            f"the {backend.name} backend given was built with other settings than the job's "
+            f"{plan.backend_class.section or 'backend'} section",
+            hint="give the job the settings the backend was built with",
+        )
+
+
+def text_budget(plan: Plan, backend: Backend) -> int | None:
+    """Most tokens a row's text may have, or None for no limit."""
+    budgets = []
+    if plan.job.max_input_tokens:
+        budgets.append(plan.job.max_input_tokens)
+    limit = backend.max_model_len
+    if limit:
+        overhead = backend.prompt_tokens(plan.prompt.messages(""))
+        answer = plan.request.max_tokens
+        room = limit - overhead - answer - _TOKEN_MARGIN
+        if room <= 0:
+            raise ConfigError(
+                f"the prompt alone takes {overhead} tokens and the answer up to {answer}, "
+                f"which leaves no room for row text in max_model_len={limit}",
+                hint="raise max_model_len, or shorten the prompt or the label list",
+            )
+        budgets.append(room)
+    return min(budgets) if budgets else None
+
+
+def cache_root(job: JobConfig) -> Path:
+    return Path(job.cache.path) if job.cache.path else labelmill_home() / "cache"
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
