@@ -14,15 +14,10 @@ imported until one of these names is used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["load_job", "parse_job", "run_job"]
-
-if TYPE_CHECKING:
-    from pipeline.config import load_job, parse_job
-    from pipeline.runner import run_job
-
 _LAZY = {"load_job": "pipeline.config", "parse_job": "pipeline.config", "run_job": "pipeline.runner"}
 
 

@@ -173,3 +173,30 @@ def register_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callabl
 
     yield register
     plugins.refresh()
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """One real vLLM engine (SmolLM2 on the CPU) in this process, shared by the real-engine tests
+    that need no process of their own: their jobs carry ``engine: ENGINE`` and ``model:
+    CHECKPOINT`` and run through ``run_job(job, backend=engine)``."""
+    import os
+
+    from engine_env import CHECKPOINT, ENGINE, IN_PROCESS
+
+    from pipeline.backends.vllm import EngineSettings, VllmBackend
+    from pipeline.models import resolve_model
+
+    backend = VllmBackend(EngineSettings(**ENGINE), resolve_model(str(CHECKPOINT)))
+    saved = {k: os.environ.get(k) for k in IN_PROCESS}
+    os.environ.update(IN_PROCESS)
+    try:
+        backend.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield backend
+    backend.close()

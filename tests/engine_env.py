@@ -26,3 +26,15 @@ if _missing and os.environ.get("LABELMILL_REQUIRE_VLLM") == "1":
     raise RuntimeError("LABELMILL_REQUIRE_VLLM=1 but " + "; ".join(_missing))
 
 needs_engine = [pytest.mark.vllm, pytest.mark.skipif(bool(_missing), reason="; ".join(_missing))]
+
+ENGINE = {
+    "dtype": "float32",
+    "max_model_len": 2048,
+    "gpu_memory_utilization": 0.3,
+    "enforce_eager": True,
+    # one of vLLM's own EngineArgs, passed through: the model runs in the calling process
+    "distributed_executor_backend": "uni",
+}
+"""Engine settings of every real-engine job in the tests: the shared engine is built with them."""
+IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+"""vLLM's engine core in the calling process: it starts in seconds instead of ~40 on 2 cores."""

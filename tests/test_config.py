@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,46 @@ def test_shipped_job_files_load() -> None:
             if job.task == "classify"
             else job.task == "extract" and task.attributes
         )
+
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+VLLM = {**BASE, "backend": "vllm"}
+
+
+@needs_vllm
+def test_engine_passes_vllm_engine_args_through(tmp_path: Path) -> None:
+    job = load_job(write(tmp_path, {**VLLM, "engine": {"dtype": "float32", "block_size": 16}}))
+    kwargs = job.backend_settings.engine_kwargs()
+    assert kwargs["block_size"] == 16 and kwargs["dtype"] == "float32"
+
+
+@needs_vllm
+def test_a_key_that_is_no_engine_arg_is_named(tmp_path: Path) -> None:
+    message = job_error(tmp_path, {**VLLM, "engine": {"blok_size": 16, "dtype": "float32"}})
+    assert "unknown key 'engine.blok_size'" in message and "1 problem(s)" in message
+
+
+@pytest.mark.parametrize("key", ["model", "logprobs_mode", "hf_token", "tokenizer"])
+def test_engine_args_labelmill_sets_itself_are_refused(tmp_path: Path, key: str) -> None:
+    message = job_error(tmp_path, {**VLLM, "engine": {key: "x"}})
+    assert f"'{key}' can't be set here" in message
+
+
+def test_passed_through_engine_args_are_part_of_the_identity() -> None:
+    from pipeline.backends.vllm import EngineSettings, VllmBackend
+
+    plain = VllmBackend.identity(EngineSettings())
+    assert VllmBackend.identity(EngineSettings(gpu_memory_utilization=0.5, max_num_seqs=8)) == plain
+    assert VllmBackend.identity(EngineSettings.model_construct(dtype="float16")) != plain
+    passed = EngineSettings.model_construct(**EngineSettings().model_dump())
+    object.__setattr__(passed, "__pydantic_extra__", {"kv_cache_dtype": "fp8"})
+    assert VllmBackend.identity(passed) == {**plain, "kv_cache_dtype": "fp8"}
+
+
+def test_each_backend_checks_only_its_own_section(tmp_path: Path) -> None:
+    job = load_job(write(tmp_path, {**BASE, "backend": "openai", "api": {"base_url": "http://127.0.0.1:1/v1"}}))
+    assert job.backend_settings.base_url == "http://127.0.0.1:1/v1"
+    message = job_error(tmp_path, {**BASE, "backend": "openai"})
+    assert "missing required key 'api.base_url'" in message
+    message = job_error(tmp_path, {**BASE, "api": {"base_url": "x", "timeout": 3}})
+    assert "unknown key 'api.timeout'" in message  # checked by its owner even when unused

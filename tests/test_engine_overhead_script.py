@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from conftest import REPO_ROOT
-from engine_env import MODEL_ENV, needs_engine
+from engine_env import IN_PROCESS, MODEL_ENV, needs_engine
 
 pytestmark = needs_engine
 
@@ -22,7 +22,7 @@ def test_engine_overhead_script_measures_both_paths(tmp_path):
     script = str(REPO_ROOT / "bench" / "engine_overhead.py")
     done = subprocess.run(
         [sys.executable, script, "--items", "8", "--out", str(out)],
-        cwd=REPO_ROOT, env=MODEL_ENV, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, env={**MODEL_ENV, **IN_PROCESS}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     figures = json.loads(out.read_text())

@@ -58,7 +58,10 @@ def write_run(root: Path, columns: dict[str, pa.Array], manifest: dict, parts: i
     step = math.ceil(table.num_rows / parts)
     for i in range(parts):
         pq.write_table(table.slice(i * step, step), root / "parts" / f"part-{i:05d}.parquet")
-    (root / "run.json").write_text(json.dumps({"chunks": parts, "id_column": "id", **manifest}))
+    written = {"labelmill_version": "0", "created_at": "2026-01-01T00:00:00+00:00", "fingerprint": "f",
+               "components": {}, "inputs": [], "rows": table.num_rows, "chunk_rows": step,
+               "chunks": parts, "id_column": "id", "provenance": {}, **manifest}  # fmt: skip
+    (root / "run.json").write_text(json.dumps(written))
     return root
 
 

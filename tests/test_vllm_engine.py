@@ -1,8 +1,8 @@
 """The real vLLM engine (CPU build) with SmolLM2-135M on real OA-Mine titles and hostile rows.
 
-Every run here is a real ``labelmill run`` subprocess, as a user starts it. One uninterrupted run
-is shared by the checks; the crash test kills a second run with SIGKILL mid-way, reruns it, and
-compares the two outputs row by row.
+One uninterrupted run, in this process on the shared engine, is checked here; the crash test kills a
+real ``labelmill run`` subprocess with SIGKILL mid-way, reruns it, and compares its output with the
+uninterrupted run's, row by row.
 
 Skipped when vLLM or the checkpoint is missing (see ``engine_env``).
 """
@@ -21,7 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from engine_env import MODEL_ENV, needs_engine
+from engine_env import CHECKPOINT, ENGINE, IN_PROCESS, MODEL_ENV, needs_engine
+
+from pipeline.config import load_job
+from pipeline.runner import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data" / "oa_mine_products.parquet"
@@ -63,14 +66,9 @@ def _job(tmp: Path, name: str, data: Path) -> Path:
         "keep_columns": ["title", "category"],
         "labels": LABELS,
         "prompt": str(REPO / "prompts" / "classify_product.en.yaml"),
-        "model": "smollm2-135m",
+        "model": str(CHECKPOINT),
         "backend": "vllm",
-        "engine": {
-            "dtype": "float32",
-            "max_model_len": 512,
-            "gpu_memory_utilization": 0.3,
-            "enforce_eager": True,
-        },
+        "engine": ENGINE,
         "chunk_rows": CHUNK_ROWS,
         "cache": {"enabled": False},  # every run here must reach the engine
     }
@@ -79,15 +77,14 @@ def _job(tmp: Path, name: str, data: Path) -> Path:
     return path
 
 
-def _labelmill(*args: str, **kwargs) -> subprocess.Popen:
+def _labelmill(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args, "--quiet"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=MODEL_ENV,
-        **kwargs,
+        env=env or MODEL_ENV,
     )
 
 
@@ -103,10 +100,9 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(workdir) -> pa.Table:
-    proc = _labelmill("run", str(_job(workdir, "whole", workdir / "input.parquet")))
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out
+def uninterrupted(workdir, engine) -> pa.Table:
+    summary = run_job(load_job(_job(workdir, "whole", workdir / "input.parquet")), backend=engine)
+    assert summary["complete"] and not summary["status_counts"]["error"]
     return _read(workdir / "whole")
 
 
@@ -131,7 +127,7 @@ def test_every_row_out_with_a_valid_label(uninterrupted):
         assert by_id[blank]["status"] == "empty_input"
     huge = by_id["hostile-huge"]
     assert huge["status"] == "truncated" and huge["label"] in LABELS
-    assert huge["prompt_tokens"] <= 512
+    assert huge["prompt_tokens"] <= ENGINE["max_model_len"]
 
 
 def test_confidences_are_not_constant(uninterrupted):
@@ -142,7 +138,8 @@ def test_confidences_are_not_constant(uninterrupted):
 
 def test_run_folder_records_provenance(workdir, uninterrupted):
     manifest = json.loads((workdir / "whole" / "run.json").read_text())
-    assert manifest["provenance"]["model"] == "smollm2-135m"
+    assert manifest["provenance"]["model"] == str(CHECKPOINT)
+    assert manifest["provenance"]["engine"]["distributed_executor_backend"] == "uni"  # passed through
     assert manifest["provenance"]["prompt_fingerprint"]
     summary = json.loads((workdir / "whole" / "summary.json").read_text())
     assert summary["complete"] and summary["rows_done"] == REAL_ROWS + len(HOSTILE)
@@ -177,7 +174,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(workdir, uninterrupte
     _, alive = psutil.wait_procs(engine, timeout=30)
     assert not alive, f"orphaned engine processes: {[(p.pid, p.name()) for p in alive]}"
 
-    rerun = _labelmill("run", str(job))
+    rerun = _labelmill("run", str(job), env={**MODEL_ENV, **IN_PROCESS})  # its engine starts faster so
     out, _ = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, out
     assert f"resuming: {finished_before}/{total_chunks}" in out
@@ -193,10 +190,34 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(workdir, uninterrupte
         assert (a is None and b is None) or abs(a - b) < 1e-3
 
 
-def test_prefix_cache_hits_are_reported_per_row(uninterrupted):
-    # vLLM counts prefix-cache hits in whole KV blocks (128 tokens on the CPU build), so this
-    # job's short shared prefix may score 0; what must hold is that every answered row says how
-    # many of its prompt tokens came from the cache, and never more than the prompt had.
-    rows = [r for r in uninterrupted.to_pylist() if r["status"] in {"ok", "truncated"}]
-    assert rows and all(r["cached_tokens"] is not None for r in rows)
-    assert all(0 <= r["cached_tokens"] < r["prompt_tokens"] for r in rows)
+GUIDE = "\n".join(
+    f"- {label}: any product whose main use is {label.lower()}, whatever its brand, size, pack or flavour."
+    for label in LABELS
+)
+
+
+def test_prefix_cache_hits_are_counted_per_row(workdir, engine):
+    # vLLM counts prefix-cache hits in whole KV blocks, so the shared prefix here spans several
+    # blocks (instructions, the labels and a guide repeated); rows after the first reuse it, and
+    # each row says how many of its prompt tokens came from the cache.
+    template = {
+        "task": "classify",
+        "system": "You sort shop products into categories.\n{labels}\nGuide:\n" + "\n".join([GUIDE] * 4),
+        "user": "Product title: {text}",
+    }
+    (workdir / "long-prefix.yaml").write_text(yaml.safe_dump(template))
+    pq.write_table(pq.read_table(workdir / "input.parquet").slice(0, 16), workdir / "sixteen.parquet")
+    job = yaml.safe_load(_job(workdir, "prefix", workdir / "sixteen.parquet").read_text())
+    job["prompt"] = str(workdir / "long-prefix.yaml")
+    (workdir / "prefix.yaml").write_text(yaml.safe_dump(job))
+    summary = run_job(load_job(workdir / "prefix.yaml"), backend=engine)
+
+    block = engine._llm.llm_engine.vllm_config.cache_config.block_size
+    rows = _read(workdir / "prefix").to_pylist()
+    assert all(r["status"] == "ok" for r in rows)
+    assert min(r["prompt_tokens"] for r in rows) > 3 * block  # the prefix spans at least three blocks
+    hits = [r["cached_tokens"] for r in rows]
+    assert all(h is not None and 0 <= h < r["prompt_tokens"] for h, r in zip(hits, rows, strict=True))
+    assert all(h % block == 0 for h in hits), hits  # whole blocks
+    assert sum(h >= 3 * block for h in hits) >= len(rows) // 2, hits  # most rows reuse the prefix
+    assert summary["cached_tokens"] == sum(hits)  # and the summary adds them up

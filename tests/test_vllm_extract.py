@@ -1,4 +1,5 @@
-"""Attribute extraction on real OA-Mine titles with SmolLM2 on vLLM (CPU), then ``labelmill eval``.
+"""Attribute extraction on real OA-Mine titles with SmolLM2 on vLLM (CPU, the shared engine), then
+``labelmill eval``.
 
 Skipped when vLLM or the checkpoint is missing (see ``engine_env``).
 """
@@ -6,17 +7,17 @@ Skipped when vLLM or the checkpoint is missing (see ``engine_env``).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from click.testing import CliRunner
-from engine_env import MODEL_ENV, needs_engine
+from engine_env import CHECKPOINT, ENGINE, needs_engine
 
 from pipeline.cli import main
+from pipeline.config import load_job
+from pipeline.runner import run_job
 
 pytestmark = needs_engine
 
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data" / "oa_mine_products.parquet"
 
 
-def test_extraction_rows_fit_the_schema_and_eval_reports(tmp_path):
+def test_extraction_rows_fit_the_schema_and_eval_reports(tmp_path, engine):
     job = yaml.safe_load((REPO / "jobs" / "products-oa-mine-attributes.yaml").read_text())
     real = pq.read_table(SAMPLE).to_pylist()[3::181]  # 8 titles across the categories
     rows = [{"id": r["id"], "title": r["title"], "attributes": r["attributes"]} for r in real]
@@ -36,13 +37,12 @@ def test_extraction_rows_fit_the_schema_and_eval_reports(tmp_path):
         prompt=str(REPO / "prompts" / "extract_product.en.yaml"),
         chunk_rows=5,
         cache={"enabled": False},
+        model=str(CHECKPOINT),
+        engine=ENGINE,
     )
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job, allow_unicode=True))
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml"), "--quiet"],
-        cwd=REPO, env=MODEL_ENV, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode in (0, 6), done.stdout + done.stderr  # 6: some rows invalid, all kept
+    summary = run_job(load_job(tmp_path / "job.yaml"), backend=engine)
+    assert summary["complete"] and not summary["status_counts"]["error"]  # some may be invalid, all kept
 
     out = pq.read_table(sorted((tmp_path / "run" / "parts").glob("*.parquet")))
     assert out.column("id").to_pylist() == [r["id"] for r in rows]  # rows in == rows out, in order

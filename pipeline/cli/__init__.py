@@ -1,5 +1,6 @@
 """``labelmill``: a thin click layer. Domain errors become one clear message and an exit code.
 
+    app.py       the group, its options (logging), and error handling shared by the commands
     jobs.py      run, validate, status, export, import
     reports.py   bench, eval
     stores.py    cache info / clear, models list / fetch
@@ -10,66 +11,7 @@ status ``error`` or ``invalid`` (they are in the output with the reason; rerun t
 7 an optional package is missing (the message names the pip install).
 """
 
-from __future__ import annotations
+from pipeline.cli import jobs, reports, stores  # the commands register on ``main``
+from pipeline.cli.app import main
 
-import functools
-import logging
-import sys
-
-import click
-
-from pipeline import __version__, logs
-from pipeline.errors import LabelmillError
-
-EXIT_ROW_ERRORS = 6
-
-
-def domain_errors(fn):
-    """Turn labelmill's errors into a message and the error's exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LabelmillError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.secho("interrupted: finished chunks are kept; rerun the same command to resume", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def echo(message: str) -> None:
-    """A line for the person at the terminal (stderr), outside the log."""
-    click.echo(message, err=True)
-
-
-def json_logs() -> bool:
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx and ctx.find_root().meta.get("labelmill.log_format") == "json")
-
-
-@click.group()
-@click.version_option(__version__, prog_name="labelmill")
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    envvar="LABELMILL_LOG_FORMAT",
-    help="Log lines on stderr: timestamped text, or one JSON object per line for log collectors "
-    "(then no progress bar and no summary table).",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Also log each retried request.")
-@click.pass_context
-def main(ctx: click.Context, log_format: str, verbose: bool) -> None:
-    """Label Parquet rows with a small open model: keyword or product -> category."""
-    ctx.meta["labelmill.log_format"] = log_format
-    logs.setup(log_format, logging.DEBUG if verbose else logging.INFO)
-
-
-from pipeline.cli import jobs, reports, stores  # noqa: E402  (the commands register on ``main``)
-
-__all__ = ["EXIT_ROW_ERRORS", "jobs", "main", "reports", "stores"]
+__all__ = ["jobs", "main", "reports", "stores"]

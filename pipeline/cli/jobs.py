@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from pipeline.cli import EXIT_ROW_ERRORS, domain_errors, echo, json_logs, main
+from pipeline.cli.app import EXIT_ROW_ERRORS, domain_errors, echo, json_logs, main
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli import domain_errors, echo, main
+from pipeline.cli.app import domain_errors, echo, main
 
 
 @main.command("bench")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from pipeline.cli import domain_errors, echo, main
+from pipeline.cli.app import domain_errors, echo, main
 
 
 @main.group()

@@ -125,11 +125,11 @@ def evaluate(
         "gold_column": gold_column,
         "run": {
             "task": run.task,
-            "model": run.manifest.get("provenance", {}).get("model"),
+            "model": run.manifest.provenance.get("model"),
             "rows": run.table.num_rows,
             "status_counts": dict(Counter(status)),
             "parts": run.parts,
-            "chunks_total": run.manifest.get("chunks"),
+            "chunks_total": run.manifest.chunks,
         },
         "join": {**joined.summary(), "gold_missing": len(joined.pairs) - len(pairs), "scored": len(pairs)},
     }
@@ -139,7 +139,8 @@ def evaluate(
     files = ["eval.md", "eval.json"]
 
     if extract:
-        attributes = run.manifest.get("attributes") or []
+        # older run folders kept the attributes beside the provenance
+        attributes = run.manifest.provenance.get("attributes") or run.manifest.attributes or []
         missing = [a["name"] for a in attributes if a["name"] not in run.table.column_names]
         if not attributes or missing:
             raise RunStateError(
@@ -179,7 +180,7 @@ def evaluate(
         conf = [c if ok else None for c, ok in zip(conf, labelled, strict=True)]
         correct = [p == g for p, g in zip(preds, gold, strict=True)]
         metrics["calibration"] = calibration(correct, conf, thresholds)
-        label_set = run.manifest.get("provenance", {}).get("labels")
+        label_set = run.manifest.provenance.get("labels")
         if isinstance(label_set, list):
             metrics["gold_labels_not_in_label_set"] = sorted(set(gold) - set(label_set))
         report["classification"] = metrics

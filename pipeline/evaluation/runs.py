@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import DuplicateIdError, InputFormatError, InputNotFoundError, RunStateError
+from pipeline.runfolder import Manifest, RunFolder
 
 EXAMPLES = 5
 KINDS = ("classify", "extract")
@@ -20,21 +20,21 @@ KINDS = ("classify", "extract")
 @dataclass
 class Run:
     folder: Path
-    manifest: dict
+    manifest: Manifest
     table: pa.Table
     id_column: str
     parts: int
 
     @property
     def task(self) -> str:
-        return self.manifest.get("task", "classify")
+        return self.manifest.task
 
     def evaluation(self) -> str:
         """``classify`` or ``extract``: what run.json's ``evaluation`` declares for the task's output."""
-        if "evaluation" not in self.manifest:
+        if "evaluation" not in self.manifest.model_fields_set:
             # Run folders written before the key existed: only the extract task was scored differently.
             return "extract" if self.task == "extract" else "classify"
-        kind = self.manifest["evaluation"]
+        kind = self.manifest.evaluation
         if kind in KINDS:
             return kind
         hint = (
@@ -43,21 +43,20 @@ class Run:
             else f"run.json asks for evaluation {kind!r}; labelmill eval knows {', '.join(KINDS)}"
         )
         raise RunStateError(
-            f"run {self.folder}: task '{self.manifest.get('task')}' has no evaluation labelmill eval knows",
+            f"run {self.folder}: task '{self.task}' has no evaluation labelmill eval knows",
             hint=hint,
         )
 
 
 def load_run(folder: str | Path) -> Run:
-    """run.json and every part of a run folder, read as plain files."""
+    """run.json and every part of a run folder."""
     folder = Path(folder)
-    manifest_path = folder / "run.json"
-    if not manifest_path.exists():
+    manifest = RunFolder(folder).manifest()
+    if manifest is None:
         raise RunStateError(
             f"{folder} is not a labelmill run folder (no run.json)",
             hint="give the run's output: folder, e.g. out/products-oa-mine",
         )
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     paths = sorted((folder / "parts").glob("part-*.parquet"))
     if not paths:
         raise RunStateError(
@@ -67,7 +66,7 @@ def load_run(folder: str | Path) -> Run:
         table = pa.concat_tables(pq.read_table(p) for p in paths)
     except (OSError, pa.ArrowInvalid) as exc:
         raise RunStateError(f"cannot read the parts of {folder}: {exc}") from None
-    return Run(folder, manifest, table, manifest.get("id_column") or "row_id", len(paths))
+    return Run(folder, manifest, table, manifest.id_column, len(paths))
 
 
 def load_gold(path: str | Path, on: str, column: str) -> pa.Table:
