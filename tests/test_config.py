@@ -227,7 +227,9 @@ def test_passed_through_engine_args_are_part_of_the_identity() -> None:
 
 
 def test_each_backend_checks_only_its_own_section(tmp_path: Path) -> None:
-    job = load_job(write(tmp_path, {**BASE, "backend": "openai", "api": {"base_url": "http://127.0.0.1:1/v1"}}))
+    job = load_job(
+        write(tmp_path, {**BASE, "backend": "openai", "api": {"base_url": "http://127.0.0.1:1/v1"}})
+    )
     assert job.backend_settings.base_url == "http://127.0.0.1:1/v1"
     message = job_error(tmp_path, {**BASE, "backend": "openai"})
     assert "missing required key 'api.base_url'" in message
