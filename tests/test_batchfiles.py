@@ -7,12 +7,14 @@ answer store does not hold, and an import fills duplicates and cache hits exactl
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import httpx
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from engine_env import CHECKPOINT, ENGINE, needs_engine
 from fault_server import FaultServer
 
 from pipeline.batchfiles import export_job, import_job
@@ -198,3 +200,32 @@ def test_export_cli(make_job, server, tmp_path):
     assert res.exit_code == 0, res.output
     assert "2 requests for 3 rows in 1 file(s)" in res.output
     assert "1 rows sharing a duplicate's request" in res.output
+
+
+@needs_engine[0]
+@needs_engine[1]
+def test_a_vllm_job_exports_for_vllm_run_batch_and_imports_its_results(make_job, read_parts, tmp_path):
+    # Export is not tied to a backend name: the offline engine's backend describes the same request
+    # for ``vllm run-batch`` (only its tokenizer is loaded, to fit texts to the context).
+    titles = ["Green tea", "Coffee", "GREEN TEA", "Tea"]
+    data = pa.table({"id": pa.array(range(4), pa.int64()), "title": titles})
+    job_files = make_job(data, backend="vllm", model=str(CHECKPOINT), engine=ENGINE)
+    job = job_files.load()
+    result = export_job(job, tmp_path / "req")
+    requests = _lines(tmp_path / "req", result)
+    assert result["requests"] == 3
+    body = requests[0]["body"]
+    assert body["model"] == str(CHECKPOINT.resolve()) and body["logprobs"] is True
+    assert body["structured_outputs"] == {"choice": job_files.spec["labels"]}
+    results = tmp_path / "results.jsonl"
+    with results.open("w") as fh:
+        for n, req in enumerate(requests):
+            answer = {"choices": [{"message": {"content": "Tea"}, "finish_reason": "stop",
+                                   "logprobs": {"content": [{"logprob": -0.1 * (n + 1)}]}}],
+                      "usage": {"prompt_tokens": 90, "completion_tokens": 2}}  # fmt: skip
+            line = {"custom_id": req["custom_id"], "response": {"status_code": 200, "body": answer}}
+            fh.write(json.dumps(line) + "\n")
+    import_job(job, [str(results)])
+    rows = read_parts(job_files.output).to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 4 and {r["label"] for r in rows} == {"Tea"}
+    assert rows[0]["confidence"] == rows[2]["confidence"] == pytest.approx(math.exp(-0.1))
