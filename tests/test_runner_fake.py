@@ -25,6 +25,7 @@ from pipeline.errors import (
     JobChangedError,
     LabelmillError,
     RunLockedError,
+    RunStateError,
 )
 from pipeline.plan import plan_job
 from pipeline.runfolder import RunFolder
@@ -681,3 +682,18 @@ def test_rows_the_backend_failed_on_are_retried_on_rerun(make_job, read_parts) -
     unchanged = [(a["label"], a["confidence"]) for a in after if a["id"] not in (3, 17)]
     assert unchanged == [(b["label"], b["confidence"]) for b in before if b["id"] not in (3, 17)]
     assert all(r["label"] for r in after)
+
+
+def test_a_damaged_marker_or_manifest_is_named_not_a_traceback(make_job) -> None:
+    job_files = make_job(default_table(12), chunk_rows=5)
+    quiet_run(job_files.load())
+    marker = RunFolder(job_files.output).marker_path(1)
+    marker.write_text('{"chunk": 1, "rows": ')
+    with pytest.raises(RunStateError, match="chunk-00001.json is damaged") as info:
+        quiet_run(job_files.load())
+    assert "--restart" in str(info.value) and info.value.exit_code == 3
+    summary = quiet_run(job_files.load(), restart=True)
+    assert summary["complete"]
+    (job_files.output / "run.json").write_text("{}")
+    with pytest.raises(RunStateError, match="run.json is damaged"):
+        quiet_run(job_files.load())
