@@ -689,11 +689,11 @@ def test_a_damaged_marker_or_manifest_is_named_not_a_traceback(make_job) -> None
     quiet_run(job_files.load())
     marker = RunFolder(job_files.output).marker_path(1)
     marker.write_text('{"chunk": 1, "rows": ')
-    with pytest.raises(RunStateError, match="chunk-00001.json is damaged") as info:
+    with pytest.raises(RunStateError, match=r"chunk-00001\.json is damaged") as info:
         quiet_run(job_files.load())
     assert "--restart" in str(info.value) and info.value.exit_code == 3
     summary = quiet_run(job_files.load(), restart=True)
     assert summary["complete"]
     (job_files.output / "run.json").write_text("{}")
-    with pytest.raises(RunStateError, match="run.json is damaged"):
+    with pytest.raises(RunStateError, match=r"run\.json is damaged"):
         quiet_run(job_files.load())
