@@ -110,20 +110,12 @@ class JobConfig(Options):
         raw["sections"] = {k: raw.pop(k) for k in list(raw) if k in _section_owners()}
         return raw
 
-    @field_validator("task")
+    @field_validator("task", "backend")
     @classmethod
-    def _known_task(cls, value: str) -> str:
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        load = plugins.task_class if info.field_name == "task" else plugins.backend_class
         try:
-            plugins.task_class(value)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
-        return value
-
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        try:
-            plugins.backend_class(value)
+            load(value)
         except ConfigError as exc:
             raise ValueError(exc.message) from None
         return value

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -31,6 +31,7 @@ from pipeline.errors import BackendError
 from pipeline.io import Chunk, InputFile
 from pipeline.plan import Plan
 from pipeline.prompts import RenderedPrompt
+from pipeline.runfolder import ChunkStats
 from pipeline.tasks.base import RowResult
 from pipeline.text import text_series
 
@@ -77,32 +78,6 @@ class BackendSource:
 
     def answer(self, questions: Questions) -> pa.Table:
         return self.backend.answer(questions.prompt, questions.texts, questions.request)
-
-
-@dataclass
-class ChunkStats:
-    """Where a chunk's answers came from. rows needing an answer = model_calls + cache_hits +
-    duplicates; the token counts are what the model processed, not what the rows carry."""
-
-    model_calls: int = 0
-    """Distinct texts sent to the answer source."""
-    cache_hits: int = 0
-    """Distinct texts answered from the answer store."""
-    duplicates: int = 0
-    """Rows answered by an earlier row of the chunk with the same normalised text."""
-    retries: int = 0
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-
-    def count(self, answers: pa.Table) -> None:
-        """Add the retries and tokens of fresh answers (``ANSWER_SCHEMA``)."""
-        for name in ("retries", "prompt_tokens", "output_tokens", "cached_tokens"):
-            total = pc.sum(answers.column(name)).as_py() if answers.num_rows else 0
-            setattr(self, name, getattr(self, name) + (total or 0))
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 @dataclass
@@ -194,7 +169,7 @@ class ChunkPipeline:
         order[hits] = np.arange(len(hits))
         order[ask] = len(hits) + np.arange(len(ask))
         per_group = pa.concat_tables([stored, fresh]).take(pa.array(order))
-        stats.count(fresh)
+        stats.count_answers(fresh)
         return self.finish(pending, per_group.take(pa.array(group))), stats
 
     def prepare(self, table: pa.Table, chunk: Chunk, previous: pa.Table | None = None) -> PendingChunk:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.contracts import STATUSES
@@ -63,18 +64,11 @@ class Manifest(_Record):
     id_column: str
 
 
-class ChunkMarker(_Record):
-    """``done/chunk-NNNNN.json``: a finished chunk, written after its part."""
+class ChunkStats(_Record):
+    """Where a chunk's answers came from. Rows needing an answer = model_calls + cache_hits +
+    duplicates; the token counts are what the model processed, not what the rows carry. They add
+    up over chunks, and over the passes of one chunk."""
 
-    chunk: int
-    file: str
-    start: int
-    rows: int
-    part: str
-    status_counts: dict[str, int]
-    seconds: float
-    """Labelling time of the chunk, summed over its passes."""
-    finished_at: str
     model_calls: int = 0
     """Distinct texts sent to the answer source (the model, or batch results)."""
     cache_hits: int = 0
@@ -86,20 +80,34 @@ class ChunkMarker(_Record):
     output_tokens: int = 0
     cached_tokens: int = 0
 
+    def count_answers(self, answers: pa.Table) -> None:
+        """Add the retries and tokens of fresh answers (``ANSWER_SCHEMA``)."""
+        for name in ("retries", "prompt_tokens", "output_tokens", "cached_tokens"):
+            total = pc.sum(answers.column(name)).as_py() if answers.num_rows else 0
+            setattr(self, name, getattr(self, name) + (total or 0))
+
+    def stats(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in STAT_KEYS}
+
+
+STAT_KEYS = tuple(ChunkStats.model_fields)
+
+
+class ChunkMarker(ChunkStats):
+    """``done/chunk-NNNNN.json``: a finished chunk, written after its part."""
+
+    chunk: int
+    file: str
+    start: int
+    rows: int
+    part: str
+    status_counts: dict[str, int]
+    seconds: float
+    """Labelling time of the chunk, summed over its passes."""
+    finished_at: str
+
     def count(self, status: str) -> int:
         return self.status_counts.get(status, 0)
-
-
-STAT_KEYS = (
-    "model_calls",
-    "cache_hits",
-    "duplicates",
-    "retries",
-    "prompt_tokens",
-    "output_tokens",
-    "cached_tokens",
-)
-"""The marker fields that add up over chunks (and over passes of one chunk)."""
 
 
 def _read(model: type[_Record], path: Path) -> Any:

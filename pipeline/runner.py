@@ -28,10 +28,10 @@ from pipeline.backends.base import Backend
 from pipeline.cache import ResultCache
 from pipeline.config import JobConfig
 from pipeline.contracts import STATUSES, Status
-from pipeline.flow import AnswerSource, AnswerStore, BackendSource, ChunkPipeline, ChunkStats
+from pipeline.flow import AnswerSource, AnswerStore, BackendSource, ChunkPipeline
 from pipeline.io import Chunk, read_chunk
 from pipeline.plan import Plan, cache_root, check_backend, make_backend, now, plan_job, text_budget
-from pipeline.runfolder import ChunkMarker, RunFolder, status_totals
+from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, status_totals
 
 log = logs.get("run")
 
@@ -202,7 +202,7 @@ def _one_chunk(plan, folder, pipeline, item: WorkItem, backend, totals: dict[str
         chunk.index + 1, len(plan.chunks), rows, seconds, stats.model_calls, stats.cache_hits,
         stats.duplicates, f", {stats.retries} retries" if stats.retries else "",
         extra=logs.fields("chunk_done", chunk=chunk.index, rows=rows, seconds=round(seconds, 3),
-                          status_counts=marker.status_counts, **stats.as_dict()),
+                          status_counts=marker.status_counts, **stats.stats()),
     )  # fmt: skip
     if stats.retries:
         log.warning(
@@ -218,7 +218,7 @@ def chunk_marker(
     counts = {c["values"].as_py(): c["counts"].as_py() for c in pc.value_counts(out.column("status"))}
     # A retried chunk adds to what its first pass cost, so the totals stay honest.
     added = {
-        name: (getattr(earlier, name) if earlier else 0) + value for name, value in stats.as_dict().items()
+        name: (getattr(earlier, name) if earlier else 0) + value for name, value in stats.stats().items()
     }
     return ChunkMarker(
         chunk=chunk.index,
