@@ -290,6 +290,11 @@ def import_job(job: JobConfig, result_files: list[str], restart: bool = False) -
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     RunFolder(job.output).write_summary(summary)
+    log.info(
+        "import: %d answers read, %d used; %d request(s) had none, %d failed",
+        reader.lines, reader.used, reader.missing, reader.failed,
+        extra=logs.fields("import", **summary["import"]),
+    )  # fmt: skip
     if reader.lines and not reader.used and reader.missing:
         log.warning(
             "none of the %d answers in the result files belongs to this job's texts: were they exported "

@@ -111,3 +111,16 @@ def test_job_yaml_round_trips(make_job):
     run_job(job)
     again = load_job(job.output + "/job.yaml")  # the written job names every resolved key
     assert again == job and again.to_dict() == job.to_dict()
+
+
+def test_with_json_logs_errors_are_json_records_too(make_job, tmp_path):
+    job_files = make_job(default_table(3), chunk_rows=2)
+    (job_files.input).write_bytes(b"not parquet")
+    result = CliRunner().invoke(main, ["--log-format", "json", "run", str(job_files.path)])
+    assert result.exit_code == 2
+    (record,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert (
+        record["event"] == "error"
+        and record["exit_code"] == 2
+        and "not a readable Parquet" in record["message"]
+    )

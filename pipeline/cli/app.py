@@ -12,28 +12,38 @@ from pipeline import __version__, logs
 from pipeline.errors import LabelmillError
 
 EXIT_ROW_ERRORS = 6
+INTERRUPTED = "interrupted: finished chunks are kept; rerun the same command to resume"
+log = logs.get("cli")
 
 
 def domain_errors(fn):
-    """Turn labelmill's errors into a message and the error's exit code."""
+    """Turn labelmill's errors into a message and the error's exit code. With JSON logs the message
+    is a log record too, so a log collector's stream stays one JSON object per line."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except LabelmillError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
+            if json_logs():
+                log.error(exc.message, extra=logs.fields("error", exit_code=exc.exit_code, hint=exc.hint))
+            else:
+                click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.secho("interrupted: finished chunks are kept; rerun the same command to resume", err=True)
+            if json_logs():
+                log.warning(INTERRUPTED, extra=logs.fields("interrupted", exit_code=130))
+            else:
+                click.secho(INTERRUPTED, err=True)
             sys.exit(130)
 
     return wrapper
 
 
 def echo(message: str) -> None:
-    """A line for the person at the terminal (stderr), outside the log."""
-    click.echo(message, err=True)
+    """A line for the person at the terminal (stderr), outside the log; none with JSON logs."""
+    if not json_logs():
+        click.echo(message, err=True)
 
 
 def json_logs() -> bool:
