@@ -40,10 +40,10 @@ from pipeline.config import JobConfig
 from pipeline.contracts import Completion, Request, answers_table
 from pipeline.errors import ConfigError, InputFormatError
 from pipeline.flow import ChunkPipeline, Questions
-from pipeline.io import read_chunk, write_text_atomic
+from pipeline.io import write_text_atomic
 from pipeline.plan import Plan, make_backend, now, plan_job, text_budget
 from pipeline.runfolder import RunFolder
-from pipeline.runner import open_store, pending_work, previous_output, run_plan
+from pipeline.runner import labelled_chunks, open_store, pending_work, run_plan
 
 log = logs.get("batch")
 
@@ -143,11 +143,7 @@ def export_job(
         pipeline = ChunkPipeline(plan, backend, text_budget(plan, backend), store, writer)
         totals = {"cache_hits": 0, "duplicates": 0}
         try:
-            for item in work:
-                chunk = item.chunk
-                table = read_chunk(plan.files[chunk.file_index], chunk, plan.read_columns)
-                previous = previous_output(folder, item)
-                _, stats = pipeline.label(table, chunk, previous)
+            for _item, _deferred, stats, _seconds in labelled_chunks(pipeline, folder, work):
                 totals["cache_hits"] += stats.cache_hits
                 totals["duplicates"] += stats.duplicates
         finally:

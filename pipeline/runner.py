@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -156,10 +157,9 @@ def run_plan(
                     plan, backend, text_budget(plan, backend), store, source or BackendSource(backend)
                 )
                 totals = status_totals(finished.values())
-                for item in work:
-                    seconds, rows = _one_chunk(plan, folder, pipeline, item, backend, totals)
+                for item, out, stats, seconds in labelled_chunks(pipeline, folder, work):
+                    rows_now += _commit(plan, folder, item, out, stats, seconds, totals)
                     labelling += seconds
-                    rows_now += rows
                     bar.update(item.chunk.rows if item.earlier is None else 0, totals)
                 if own_store and store is not None and job.cache.enabled:
                     store.close()  # merges files first, so the size it reports is the size left
@@ -183,15 +183,25 @@ def run_plan(
     return summary
 
 
-def _one_chunk(plan, folder, pipeline, item: WorkItem, backend, totals: dict[str, int]) -> tuple[float, int]:
-    """Label one chunk and commit it; returns its labelling seconds and the rows it labelled."""
+def labelled_chunks(
+    pipeline: ChunkPipeline, folder: RunFolder, work: list[WorkItem]
+) -> Iterator[tuple[WorkItem, pa.Table | None, ChunkStats, float]]:
+    """Each chunk of ``work`` through the pipeline, in order: the item, its output table (None when
+    the answer source answers later), where its answers came from, and its labelling seconds."""
+    plan, backend = pipeline.plan, pipeline.backend
+    for item in work:
+        t0, started_before = time.perf_counter(), backend.start_seconds
+        table = read_chunk(plan.files[item.chunk.file_index], item.chunk, plan.read_columns)
+        out, stats = pipeline.label(table, item.chunk, previous_output(folder, item))
+        # a model load during this chunk is start-up, not labelling
+        yield item, out, stats, time.perf_counter() - t0 - (backend.start_seconds - started_before)
+
+
+def _commit(
+    plan, folder, item: WorkItem, out, stats: ChunkStats, seconds: float, totals: dict[str, int]
+) -> int:
+    """Write a labelled chunk's part and marker, and log it; returns the rows it labelled."""
     chunk, earlier = item.chunk, item.earlier
-    t0, started_before = time.perf_counter(), backend.start_seconds
-    table = read_chunk(plan.files[chunk.file_index], chunk, plan.read_columns)
-    previous = previous_output(folder, item)
-    out, stats = pipeline.label(table, chunk, previous)
-    # a model load during this chunk is start-up, not labelling
-    seconds = time.perf_counter() - t0 - (backend.start_seconds - started_before)
     marker = chunk_marker(plan, chunk, out, seconds, stats, earlier)
     folder.commit(out, marker)
     for k, v in marker.status_counts.items():
@@ -209,7 +219,7 @@ def _one_chunk(plan, folder, pipeline, item: WorkItem, backend, totals: dict[str
             "chunk %d: %d request(s) were retried", chunk.index, stats.retries,
             extra=logs.fields("retries", chunk=chunk.index, retries=stats.retries),
         )  # fmt: skip
-    return seconds, rows
+    return rows
 
 
 def chunk_marker(

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from pipeline.contracts import ANSWER_SCHEMA, Completion, Messages, Options, Request, answers_table
-from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     import polars as pl
@@ -109,15 +108,12 @@ class Backend(ABC):
     """The endpoint batch request lines name (``/v1/chat/completions``); None: no batch files."""
 
     def request_body(self, messages: Messages, request: Request) -> dict:
-        """One request's body, as a batch file line carries it."""
-        raise ConfigError(
-            f"backend '{self.name}' cannot describe its requests for batch files",
-            hint="export and import need a backend that sends HTTP requests, e.g. backend: openai",
-        )
+        """One request's body, as a batch file line carries it (backends with a ``batch_url``)."""
+        raise NotImplementedError
 
     def read_response(self, body: dict, request: Request) -> Completion | None:
         """A batch result's response body as a Completion; None if it is not one."""
-        raise ConfigError(f"backend '{self.name}' cannot read batch results")
+        raise NotImplementedError
 
     def version(self) -> str:
         return self.name
