@@ -188,9 +188,22 @@ class BatchReader:
         self.lines = len(ids)
         self._index = pl.DataFrame({"custom_id": pl.Series(ids, dtype=pl.String), "row": np.arange(len(ids))})
         self._answers = answers_table(completions)
-        self.used = 0
-        self.failed = 0
+        self._used = np.zeros(len(ids), dtype=bool)
+        """Per result line: it answered a question. A failed answer is not stored, so its text is
+        asked again in a later chunk; a mark per line counts it once."""
         self._missing: set[str] = set()
+
+    @property
+    def used(self) -> int:
+        """Result lines that answered a question of this job."""
+        return int(self._used.sum())
+
+    @property
+    def failed(self) -> int:
+        """Result lines used whose request had failed (each becomes rows with status error)."""
+        return int(
+            (self._used & self._answers.column("error").is_valid().to_numpy(zero_copy_only=False)).sum()
+        )
 
     @property
     def missing(self) -> int:
@@ -201,11 +214,11 @@ class BatchReader:
         ids = pl.DataFrame({"custom_id": custom_ids(questions, self.namespace, self.by_key)})
         rows = ids.join(self._index, on="custom_id", how="left", maintain_order="left")["row"]
         found = rows.is_not_null().to_numpy()
-        got = self._answers.take(pa.array(rows.drop_nulls().to_numpy()))
+        lines = rows.drop_nulls().to_numpy()
+        got = self._answers.take(pa.array(lines))
         missing = len(found) - got.num_rows
-        self.used += got.num_rows
+        self._used[lines] = True
         self._missing.update(ids["custom_id"].filter(~pl.Series(found)).to_list())
-        self.failed += got.num_rows - got.column("error").null_count
         if not missing:
             return got
         none = answers_table([Completion.failed(NO_ANSWER)] * missing)

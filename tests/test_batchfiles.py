@@ -229,3 +229,16 @@ def test_a_vllm_job_exports_for_vllm_run_batch_and_imports_its_results(make_job,
     rows = read_parts(job_files.output).to_pylist()
     assert [r["status"] for r in rows] == ["ok"] * 4 and {r["label"] for r in rows} == {"Tea"}
     assert rows[0]["confidence"] == rows[2]["confidence"] == pytest.approx(math.exp(-0.1))
+
+
+def test_a_failed_answer_is_counted_once_however_many_chunks_ask_for_it(make_job, server, tmp_path):
+    job = _job(make_job, server, "counts", REPEATS).load()  # "Coffee beans" in chunks 0 and 1
+    requests = _lines(tmp_path / "req", export_job(job, tmp_path / "req"))
+    results = _answer_batch(server, requests, tmp_path / "r.jsonl")
+    lines = [json.loads(raw) for raw in results.read_text().splitlines()]
+    for line in lines:
+        if "Coffee" in _text(next(r for r in requests if r["custom_id"] == line["custom_id"])):
+            line["response"] = {"status_code": 500, "body": {"error": "x"}}
+    results.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    counts = import_job(job, [str(results)])["import"]
+    assert (counts["answers_used"], counts["failed_answers"], counts["answers_not_needed"]) == (4, 1, 0)
