@@ -103,7 +103,10 @@ class BatchWriter:
             found[found] = self._seen[at[found]] == prefixes[found]
             keep = ~found
             self.repeated += int(found.sum())
-            self._seen = np.sort(np.concatenate([self._seen, prefixes[keep]]))
+            # two sorted runs: a stable sort merges them in one pass (as the cache's index does)
+            seen = np.concatenate([self._seen, np.sort(prefixes[keep])])
+            seen.sort(kind="stable")
+            self._seen = seen
         chosen = np.flatnonzero(keep)
         for n, text in zip(chosen, questions.texts.gather(chosen), strict=True):
             body = self.backend.request_body(questions.prompt.messages(text), questions.request)

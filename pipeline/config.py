@@ -107,7 +107,8 @@ class JobConfig(Options):
             # are set aside so they don't add "unknown key" noise
             own = set().union(*(keys for keys in _task_keys().values()))
         raw["task_settings"] = {k: raw.pop(k) for k in list(raw) if k in own}
-        raw["sections"] = {k: raw.pop(k) for k in list(raw) if k in _section_owners()}
+        sections = _section_owners()
+        raw["sections"] = {k: raw.pop(k) for k in list(raw) if k in sections}
         return raw
 
     @field_validator("task", "backend")
