@@ -17,12 +17,24 @@ text as it was sent (the first spelling met), and the answer as the backend retu
 answer from the store is parsed like a fresh one. Failed requests are never stored.
 
 Safe against a crash: each chunk's answers are appended as one record batch and flushed to disk
-before the chunk is marked done, so a resumed run finds every answer its finished chunks used. A
-batch cut short by a crash is ignored when the file is read (every batch before it is whole).
+before the chunk is marked done, so a resumed run finds every answer its finished chunks used.
 A file is closed once it holds about a million answers, then read back memory-mapped; a new one
-starts. Several runs may share a store: each writes its own files (locked while it writes) and sees
-those that existed when it opened the store, plus its own. When a namespace holds more than
-``MERGE_ABOVE`` files, closing the store merges those nobody is writing.
+starts. Several runs may share a store: each writes its own files (locked from before they have
+their name until they are finished) and sees those that existed when it opened the store, plus
+its own. When a namespace holds more than ``MERGE_ABOVE`` files, closing the store merges those
+nobody is writing into one, keeping one answer per text.
+
+Trusted only once checked: every batch carries a CRC-32 of its buffers, checked when the store is
+opened, before any of its answers is used. A batch that fails the check is skipped (its texts are
+asked again) and reported, never read: damage can cost a model call, never give a wrong answer or
+crash the process. Reading a file stops at a batch that can't be read at all (a crash cut it
+short, or its framing is damaged). ``labelmill cache verify`` reports all of this, ``labelmill
+cache repair`` rewrites the files without it. Batches from before checksums existed are accepted
+after a full structural validation and sealed by the next merge or repair.
+
+Runs that have the store open hold a shared lock on ``<namespace>/.in-use``; ``labelmill cache
+clear`` takes it exclusively, so it refuses while a run of that job is going, and a run that
+starts meanwhile waits for it.
 
 The index, in memory, holds 8 bytes per entry: a 32-bit hash of the key and the entry's number,
 sorted. A hit is confirmed by comparing the stored key with the key asked, so two texts that share
@@ -38,6 +50,8 @@ import json
 import mmap
 import os
 import time
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +59,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import locks
 from pipeline.contracts import ANSWER_SCHEMA
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, StoreBusyError
 from pipeline.io import write_text_atomic
 
 ENTRY_SCHEMA = pa.schema(
@@ -54,6 +69,9 @@ ENTRY_SCHEMA = pa.schema(
     + [f for f in ANSWER_SCHEMA if f.name != "error"]
 )
 """One stored answer: the key, the text sent, then the answer's fields (``retries`` stored as 0)."""
+_FILE_SCHEMA = ENTRY_SCHEMA.with_metadata({"labelmill.cache": "2"})
+"""What files are written with: the metadata says every batch in the file carries a checksum."""
+_CRC = "labelmill.crc32"
 _ANSWER_FIELDS = [f.name for f in ENTRY_SCHEMA][2:]
 _SEED = 7
 _ID_BITS = 32
@@ -62,6 +80,7 @@ FILE_ROWS = 1_000_000
 """Answers in a file before it is closed and mapped."""
 MERGE_ABOVE = 32
 """Files in a namespace before closing the store merges them."""
+IN_USE = ".in-use"
 
 
 def key_hashes(keys: pl.Series) -> np.ndarray:
@@ -106,17 +125,27 @@ class ResultCache:
         self._path: Path | None = None
         self._unmapped: int | None = None
         """Index of the first segment held in memory (written to the open file, not mapped yet)."""
+        self.problems: list[str] = []
+        """What was found damaged when the store was opened (those answers are not used)."""
+        self._in_use: locks.Lock | None = None
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self._in_use = _hold_in_use(self.folder)
+            self.store_id = _store_id(self.folder)
             if about is not None and not (self.folder / "about.json").exists():
                 write_text_atomic(json.dumps(about, indent=2, ensure_ascii=False), self.folder / "about.json")
+            _sweep(self.folder)
             for path in sorted(self.folder.glob("seg-*.arrows")):
-                for table, mapping in _map_file(path):
+                contents = read_file(path)
+                self.problems += contents.problems()
+                for table, mapping in contents.batches:
                     self._add_segment(table, mapping)
             self._release()  # indexing read every stored key once
         except OSError as exc:
+            self._unlock()
             raise OutputError(
-                f"cannot open the result store {self.folder}: {exc}", hint="use --no-cache"
+                f"cannot open the result store {self.folder}: {exc}",
+                hint="free space or fix permissions there, or set cache.path to another disk "
+                "(--no-cache also works for a new run folder)",
             ) from None
 
     def __len__(self) -> int:
@@ -163,12 +192,16 @@ class ResultCache:
         try:
             if self._writer is None:
                 self._open_file()
-            self._writer.write_table(table)
+            for batch in table.to_batches():
+                _write_sealed(self._writer, batch)
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as exc:
             raise OutputError(
-                f"cannot write the result store {self.folder}: {exc}", hint="use --no-cache"
+                f"cannot write the result store {self.folder}: {exc}",
+                hint="free space there or set cache.path to another disk, then rerun: finished "
+                "chunks are kept (a run started with the cache finishes with it; --no-cache works "
+                "for a new run folder)",
             ) from None
         self._file_rows += table.num_rows
         if self.within_run:
@@ -200,15 +233,29 @@ class ResultCache:
         try:
             files = sorted(self.folder.glob("seg-*.arrows"))
             if len(files) > self.merge_above:
-                _merge(self.folder, files, self.max_file_rows)
+                merge(self.folder, files, self.max_file_rows)
         except OSError:
             pass  # merging is housekeeping; the next run tries again
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._in_use is not None:
+            self._in_use.release()
+            self._in_use = None
 
     def _open_file(self) -> None:
-        self._path = self.folder / f"seg-{time.time_ns():020d}-{os.getpid()}.arrows"
-        self._file = self._path.open("xb")
-        fcntl.flock(self._file, fcntl.LOCK_EX)  # tells a merging run to leave this file alone
-        self._writer = pa.ipc.new_stream(self._file, ENTRY_SCHEMA)
+        # Created under a hidden name and locked before it gets its real one: a merge only ever
+        # sees it locked, so it can't take a file that is about to be written for a finished one.
+        name = f"seg-{time.time_ns():020d}-{os.getpid()}.arrows"
+        hidden = self.folder / f".{name}.tmp-{os.getpid()}"
+        handle = hidden.open("xb")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        locks.close_in_children(handle.fileno())
+        writer = pa.ipc.new_stream(handle, _FILE_SCHEMA)
+        self._path = self.folder / name
+        os.replace(hidden, self._path)
+        self._file, self._writer = handle, writer
         self._file_rows = 0
 
     def _close_file(self) -> None:
@@ -220,11 +267,12 @@ class ResultCache:
         writer.close()
         handle.flush()
         os.fsync(handle.fileno())
+        locks.closing(handle.fileno())
         handle.close()
         first, self._unmapped = self._unmapped, None
         if first is None:
             return  # nothing of this file is held in memory
-        mapped = _map_file(path)
+        mapped = read_file(path).batches
         held = self._segments[first:]
         if [t.num_rows for t, _ in mapped] != [t.num_rows for t in held]:
             return  # keep the in-memory copies; the file is read whole next time
@@ -270,86 +318,322 @@ class ResultCache:
         return taken.take(pa.array(np.argsort(order)))
 
 
+@dataclass
+class FileContents:
+    """What reading one answer file found: its whole, checked batches, and what it could not use."""
+
+    path: Path
+    batches: list[tuple[pa.Table, mmap.mmap]] = field(default_factory=list)
+    damaged: list[tuple[int, str]] = field(default_factory=list)
+    """(batch number from 1, why): batches skipped."""
+    unreadable: str | None = None
+    """Why reading stopped before the end of the file, if it did."""
+    unsealed: int = 0
+    """Batches without a checksum (written before checksums existed), validated instead."""
+    writing: bool = False
+    """A run holds the file: it is being written, so a cut-short end is expected."""
+
+    @property
+    def entries(self) -> int:
+        return sum(t.num_rows for t, _ in self.batches)
+
+    def problems(self) -> list[str]:
+        found = [f"{self.path}: batch {n} skipped: {why}" for n, why in self.damaged]
+        if self.unreadable and not self.writing:
+            found.append(f"{self.path}: {self.unreadable}")
+        return found
+
+
+def read_file(path: Path) -> FileContents:
+    """A file's batches that pass their checks, read in place (no copy), each as a table with the
+    mapping. Never raises for what the file holds: damage is reported in the result, not read."""
+    contents = FileContents(path)
+    contents.writing = locks.held_by_other(path)
+    try:
+        with path.open("rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                contents.unreadable = "empty file"
+                return contents
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        reader = pa.ipc.open_stream(pa.py_buffer(mapping))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        contents.unreadable = f"not readable as an answer file ({_short(exc)})"
+        return contents
+    if not reader.schema.equals(ENTRY_SCHEMA):
+        contents.unreadable = "not an answer file (other columns)"
+        return contents
+    sealed = (reader.schema.metadata or {}).get(b"labelmill.cache") is not None
+    number = 0
+    while True:
+        try:
+            batch, meta = reader.read_next_batch_with_custom_metadata()
+        except StopIteration:
+            break
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            contents.unreadable = f"unreadable from batch {number + 1} on ({_short(exc)})"
+            break
+        number += 1
+        stored = (meta or {}).get(_CRC.encode()) if meta is not None else None
+        if stored is not None:
+            if stored.decode(errors="replace") != _checksum(batch):
+                contents.damaged.append((number, "checksum mismatch"))
+                continue
+        elif sealed:
+            contents.damaged.append((number, "its checksum is missing"))
+            continue
+        else:
+            try:
+                batch.validate(full=True)
+            except pa.ArrowException as exc:
+                contents.damaged.append((number, f"invalid ({_short(exc)})"))
+                continue
+            contents.unsealed += 1
+        contents.batches.append((pa.Table.from_batches([batch], schema=ENTRY_SCHEMA), mapping))
+    return contents
+
+
+def _checksum(batch: pa.RecordBatch) -> str:
+    """CRC-32 of a batch's row count and every buffer, in order (None buffers marked as such)."""
+    crc = zlib.crc32(batch.num_rows.to_bytes(8, "little"))
+    for column in batch.columns:
+        for buffer in column.buffers():
+            crc = zlib.crc32(b"\x00" if buffer is None else b"\x01" + buffer.size.to_bytes(8, "little"), crc)
+            if buffer is not None:
+                crc = zlib.crc32(memoryview(buffer), crc)
+    return f"{crc:08x}"
+
+
+def _write_sealed(writer, batch: pa.RecordBatch) -> None:
+    """Write a batch with the checksum of the buffers a reader will see: those of the batch after
+    one trip through the IPC format (writing may trim or copy buffers it was handed)."""
+    seen = pa.ipc.read_record_batch(batch.serialize(), ENTRY_SCHEMA)
+    writer.write_batch(seen, custom_metadata={_CRC: _checksum(seen)})
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+
+
 def describe_stores(root: str | Path) -> list[dict]:
     """Every namespace under a store's root: what it holds answers of, how many, and their size."""
     found = []
     for folder in sorted(p for p in Path(root).glob("*") if p.is_dir()):
         files = sorted(folder.glob("seg-*.arrows"))
         about = folder / "about.json"
+        try:
+            what = json.loads(about.read_text(encoding="utf-8")) if about.exists() else {}
+        except (OSError, ValueError):
+            what = {"damaged": str(about)}
         found.append(
             {
                 "namespace": folder.name,
-                "entries": sum(t.num_rows for f in files for t, _ in _map_file(f)),
+                "entries": sum(read_file(f).entries for f in files),
                 "bytes": sum(f.stat().st_size for f in files),
                 "files": len(files),
                 "last_written": max((f.stat().st_mtime for f in files), default=None),
-                "about": json.loads(about.read_text(encoding="utf-8")) if about.exists() else {},
+                "about": what if isinstance(what, dict) else {},
             }
         )
     return found
 
 
-def _map_file(path: Path) -> list[tuple[pa.Table, mmap.mmap]]:
-    """A file's whole record batches, read in place (no copy), each as a table with the mapping.
+def verify_store(root: str | Path, namespace: str | None = None) -> list[dict]:
+    """Every file of a store (or of one namespace), checked: entries usable, batches damaged,
+    unreadable ends, unsealed batches, and texts held more than once."""
+    report = []
+    for folder in sorted(p for p in Path(root).glob("*") if p.is_dir()):
+        if namespace not in (None, folder.name):
+            continue
+        keys = []
+        for path in sorted(folder.glob("seg-*.arrows")):
+            contents = read_file(path)
+            keys += [t.column("key") for t, _ in contents.batches]
+            report.append(
+                {
+                    "namespace": folder.name,
+                    "file": str(path),
+                    "entries": contents.entries,
+                    "damaged_batches": len(contents.damaged),
+                    "unreadable": contents.unreadable if not contents.writing else None,
+                    "unsealed_batches": contents.unsealed,
+                    "being_written": contents.writing,
+                    "problems": contents.problems(),
+                }
+            )
+        leftovers = [str(p) for p in folder.glob(".*.tmp-*") if not _alive(_writer_pid(p))]
+        duplicates = 0
+        if keys:
+            stored = pl.Series(pa.chunked_array(keys))
+            duplicates = len(stored) - stored.n_unique()
+        report.append(
+            {
+                "namespace": folder.name,
+                "file": None,
+                "duplicate_entries": duplicates,
+                "leftover_files": leftovers,
+            }
+        )
+    return report
 
-    Reading stops at the first batch that is not whole (a crash cut it, or its writer is still at
-    it); a file that is not an answer file at all gives nothing: it is ignored, never trusted.
-    """
-    try:
-        with path.open("rb") as fh:
-            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        reader = pa.ipc.open_stream(pa.py_buffer(mapping))
-    except (pa.ArrowInvalid, OSError, ValueError):
-        return []
-    if not reader.schema.equals(ENTRY_SCHEMA):
-        return []
-    tables = []
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except (StopIteration, pa.ArrowInvalid, OSError):
-            break
-        tables.append((pa.Table.from_batches([batch], schema=ENTRY_SCHEMA), mapping))
-    return tables
 
-
-def _merge(folder: Path, files: list[Path], batch_rows: int) -> None:
-    """Write the answers of ``files`` nobody is writing into one new file, then drop them. Its
-    batches hold about ``batch_rows`` answers each, so a lookup visits few of them."""
-    with (folder / ".merge.lock").open("w") as lock:
+def merge(folder: Path, files: list[Path], batch_rows: int, *, always: bool = False) -> dict:
+    """Write the checked answers of ``files`` nobody is writing into one new file, one answer per
+    text (the oldest), then drop them. Its batches hold about ``batch_rows`` answers each, so a
+    lookup visits few of them. ``always``: also rewrite a single file (repair: drops what is
+    damaged, seals old batches). Returns what it did."""
+    done = {"files_merged": 0, "entries_kept": 0, "duplicates_dropped": 0, "batches_dropped": 0}
+    lock = locks.take(folder / ".merge.lock")
+    if lock is None:
+        return done  # another run is merging
+    with lock:
+        _sweep(folder)
+        merged, handles, tables = [], [], []
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # another run is merging
-        target = folder / f"seg-{time.time_ns():020d}-{os.getpid()}-merged.arrows"
-        tmp = folder / f".{target.name}.tmp"
-        merged, handles, pending = [], [], []
-        try:
-            with tmp.open("wb") as sink, pa.ipc.new_stream(sink, ENTRY_SCHEMA) as writer:
-                for path in files:
-                    try:
-                        handle = path.open("rb")
-                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except (BlockingIOError, FileNotFoundError):
-                        continue  # a run is still writing it (or merged it away)
-                    handles.append(handle)
-                    for table, _ in _map_file(path):
-                        pending.append(table)
-                        if sum(t.num_rows for t in pending) >= batch_rows:
-                            writer.write_table(pa.concat_tables(pending).combine_chunks())
-                            pending = []
-                    merged.append(path)
-                if pending:
-                    writer.write_table(pa.concat_tables(pending).combine_chunks())
-            with tmp.open("rb") as fh:
-                os.fsync(fh.fileno())
-            if len(merged) < 2:
-                tmp.unlink()
-                return
-            os.replace(tmp, target)
+            for path in files:
+                try:
+                    handle = path.open("rb")
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except (BlockingIOError, FileNotFoundError):
+                    continue  # a run is still writing it (or merged it away)
+                handles.append(handle)
+                contents = read_file(path)
+                if contents.damaged or contents.unreadable or contents.unsealed:
+                    always = True  # rewriting it is the repair
+                done["batches_dropped"] += len(contents.damaged)
+                tables += [t for t, _ in contents.batches]
+                merged.append(path)
+            if len(merged) < (1 if always else 2):
+                return done
+            if tables:
+                whole = pa.concat_tables(tables)
+                first = pl.Series(whole.column("key")).is_first_distinct().to_arrow()
+                kept = whole.filter(first)
+                done["duplicates_dropped"] = whole.num_rows - kept.num_rows
+                done["entries_kept"] = kept.num_rows
+            else:
+                kept = ENTRY_SCHEMA.empty_table()
+            name = f"seg-{time.time_ns():020d}-{os.getpid()}-merged.arrows"
+            if kept.num_rows:
+                _write_file(folder, name, kept, batch_rows)
             for path in merged:
                 path.unlink(missing_ok=True)
+            _fsync_dir(folder)
+            done["files_merged"] = len(merged)
+            return done
         finally:
-            tmp.unlink(missing_ok=True)
             for handle in handles:
                 handle.close()
+
+
+def _write_file(folder: Path, name: str, table: pa.Table, batch_rows: int) -> None:
+    """A whole answer file under a hidden name, made durable, then given its name. A process killed
+    meanwhile leaves the hidden file, which the next process to open the store removes."""
+    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    try:
+        with tmp.open("wb") as sink:
+            fcntl.flock(sink, fcntl.LOCK_EX)
+            with pa.ipc.new_stream(sink, _FILE_SCHEMA) as writer:
+                for batch in table.combine_chunks().to_batches(max_chunksize=batch_rows):
+                    _write_sealed(writer, batch)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(tmp, folder / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def repair(root: str | Path, namespace: str | None = None, batch_rows: int = FILE_ROWS) -> list[dict]:
+    """Rewrite each namespace's files nobody is writing into one: only checked answers, one per
+    text, every batch sealed; leftovers of killed processes removed."""
+    done = []
+    for folder in sorted(p for p in Path(root).glob("*") if p.is_dir()):
+        if namespace not in (None, folder.name):
+            continue
+        files = sorted(folder.glob("seg-*.arrows"))
+        dupes = sum(r.get("duplicate_entries", 0) for r in verify_store(root, folder.name))
+        result = merge(folder, files, batch_rows, always=dupes > 0)
+        done.append({"namespace": folder.name, **result})
+    return done
+
+
+def clear(root: Path, namespace: str) -> bool:
+    """Remove a namespace's answers; refuses (StoreBusyError) while a run has them open. False
+    when there was nothing to remove."""
+    import shutil
+
+    folder = root / namespace
+    if not folder.is_dir():
+        return False
+    lock = locks.take(folder / IN_USE)
+    if lock is None:
+        raise StoreBusyError(
+            f"the cached answers in {folder} are in use by a running job",
+            hint="wait for that run to finish (labelmill status shows its progress), then clear",
+        )
+    with lock:
+        shutil.rmtree(folder)
+    return True
+
+
+def _hold_in_use(folder: Path) -> locks.Lock:
+    """The shared lock every open store holds, so ``cache clear`` can tell it is in use. Waits
+    while a clear holds it; if the clear removed the folder meanwhile, it is made again."""
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return locks.take(folder / IN_USE, shared=True, wait=True)
+        except FileNotFoundError:
+            continue
+
+
+def _store_id(folder: Path) -> str:
+    """A random name the namespace keeps for its life: a run can tell that the answers its
+    finished chunks used were cleared since, even though a folder of that name exists again."""
+    path = folder / "store-id"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    tmp = folder / f".store-id.tmp-{os.getpid()}"
+    tmp.write_text(os.urandom(8).hex(), encoding="utf-8")
+    try:
+        os.link(tmp, path)  # the first process to publish an id wins; the others read it
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _sweep(folder: Path) -> None:
+    """Remove hidden files left by processes that were killed while writing them."""
+    for path in folder.glob(".*.tmp-*"):
+        if not _alive(_writer_pid(path)) and not locks.held_by_other(path):
+            path.unlink(missing_ok=True)
+
+
+def _writer_pid(path: Path) -> int | None:
+    tail = path.name.rsplit(".tmp-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:  # TEMP
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -9,9 +9,11 @@
     │   ├── InputNotFoundError      no Parquet file at the path or glob
     │   ├── InputFormatError        not Parquet, missing column, mismatched schemas
     │   └── DuplicateIdError        the id column repeats or holds nulls
-    ├── RunStateError               the run folder disagrees with the job (exit 3)
+    ├── RunStateError               the run folder or the cache can't be used as it is (exit 3)
     │   ├── JobChangedError         the job's fingerprint differs from the one on disk
-    │   └── RunLockedError          another process holds the run folder
+    │   ├── RunLockedError          another process holds the run folder
+    │   ├── StoreBusyError          a running job has the cached answers open (cache clear)
+    │   └── StoreDamagedError       cache verify found damage (cache repair fixes it)
     ├── BackendError                the model backend failed (exit 4)
     │   ├── BackendUnavailableError its package is not installed (also a MissingDependencyError)
     │   └── ModelNotFoundError      the model can't be found locally
@@ -81,6 +83,14 @@ class JobChangedError(RunStateError):
 
 
 class RunLockedError(RunStateError):
+    pass
+
+
+class StoreBusyError(RunStateError):
+    pass
+
+
+class StoreDamagedError(RunStateError):
     pass
 
 

@@ -24,7 +24,16 @@ from pipeline.backends.base import Backend
 from pipeline.config import JobConfig
 from pipeline.contracts import COMMON_FIELDS, Request
 from pipeline.errors import ConfigError, InputFormatError
-from pipeline.io import Chunk, InputFile, check_columns, check_ids, describe, find_inputs, plan_chunks
+from pipeline.io import (
+    Chunk,
+    InputFile,
+    check_columns,
+    check_ids,
+    describe,
+    find_inputs,
+    plan_chunks,
+    with_types,
+)
 from pipeline.models import labelmill_home, model_fingerprint, resolve_model
 from pipeline.prompts import RenderedPrompt, render
 from pipeline.runfolder import Manifest
@@ -81,6 +90,7 @@ def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
     id_cols = [job.id_column] if job.id_column else []
     read_columns = list(dict.fromkeys(id_cols + job.keep_columns + text_cols))
     types = check_columns(files, read_columns)
+    files = with_types(files, types)
     for col in text_cols:
         if pa.types.is_nested(types[col]):
             raise InputFormatError(
@@ -115,8 +125,15 @@ def _manifest(job, task, backend_class, prompt, model, files, chunks, text_cols,
     identity = backend_class.identity(settings)
     components = {
         "input": digest([f.identity for f in files]),
-        "rows": digest(
-            [text_cols, job.text_template, job.id_column, job.keep_columns, job.dedupe.model_dump()]
+        "rows": digest([text_cols, job.text_template, job.id_column, job.keep_columns]),
+        # Where answers are shared decides which answer a text gets when it has several (a cached
+        # one, or a fresh one): switching mid-run would give one text two labels in one output.
+        "answer_reuse": digest(
+            {
+                "cache": job.cache.enabled,
+                "cache_path": str(cache_root(job).resolve()) if job.cache.enabled else None,
+                "dedupe": job.dedupe.model_dump(),
+            }
         ),
         task.fingerprint_part: digest(answers_spec),
         "prompt": prompt.fingerprint,

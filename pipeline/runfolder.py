@@ -10,17 +10,23 @@
                           (see pipeline/cache.py); removed when the run is complete
       .lock               held (flock) by the running process
 
-A chunk counts as finished when its marker exists and its part file is there. A part without a
-marker (killed between the two writes) is simply redone; a temporary file is removed on start.
-``run.json`` and the markers are typed (:class:`Manifest`, :class:`ChunkMarker`): every reader
-goes through this module.
+A chunk counts as finished only when its marker is readable, names this run's job fingerprint,
+and its part is the file the marker vouches for: same size and SHA-256, so a truncated, zero-filled,
+bit-flipped or copied part is caught. Before a run goes on, every finished chunk is checked this
+way; one that fails is labelled again, and the run says so. A part with no marker (killed between
+the two writes), or of another plan, is removed. ``run.json`` and the markers are typed
+(:class:`Manifest`, :class:`ChunkMarker`): every reader goes through this module, and damage is a
+message naming the file, never a traceback. Part names have five digits, more when a run has more
+than 100,000 chunks, so they always sort in chunk order.
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,11 +35,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline import locks, logs
 from pipeline.contracts import STATUSES
 from pipeline.errors import JobChangedError, OutputError, RunLockedError, RunStateError
 from pipeline.io import write_parquet_atomic, write_text_atomic
+
+log = logs.get("run")
 
 
 class _Record(BaseModel):
@@ -105,6 +115,13 @@ class ChunkMarker(ChunkStats):
     seconds: float
     """Labelling time of the chunk, summed over its passes."""
     finished_at: str
+    fingerprint: str | None = None
+    """The job fingerprint the chunk was labelled under (None: written before markers had it)."""
+    part_bytes: int | None = None
+    part_sha256: str | None = None
+    """Size and digest of the part, as written: a part that differs is not trusted."""
+    store: str | None = None
+    """The answer store's id (``pipeline.cache``) the chunk's answers were shared through."""
 
     def count(self, status: str) -> int:
         return self.status_counts.get(status, 0)
@@ -112,7 +129,11 @@ class ChunkMarker(ChunkStats):
 
 def _read(model: type[_Record], path: Path) -> Any:
     try:
-        return model.model_validate_json(path.read_bytes())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RunStateError(f"cannot read {path}: {exc.strerror}", hint="check its permissions") from None
+    try:
+        return model.model_validate_json(data)
     except (ValidationError, ValueError) as exc:
         first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
         raise RunStateError(
@@ -121,8 +142,11 @@ def _read(model: type[_Record], path: Path) -> Any:
         ) from None
 
 
+_DAMAGED = object()
+
+
 class RunFolder:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, chunks: int | None = None) -> None:
         self.root = Path(root)
         self.parts = self.root / "parts"
         self.markers = self.root / "done"
@@ -131,51 +155,37 @@ class RunFolder:
         self.summary_path = self.root / "summary.json"
         self.job_path = self.root / "job.yaml"
         self.lock_path = self.root / ".lock"
+        self.width = part_width(chunks or 0)
 
     def part_path(self, chunk: int) -> Path:
-        return self.parts / f"part-{chunk:05d}.parquet"
+        return self.parts / f"part-{chunk:0{self.width}d}.parquet"
 
     def marker_path(self, chunk: int) -> Path:
-        return self.markers / f"chunk-{chunk:05d}.json"
+        return self.markers / f"chunk-{chunk:0{self.width}d}.json"
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the folder for this process; the kernel drops the lock if the process dies."""
+        """Hold the folder for this process; the kernel drops the lock if the process dies (its
+        forked children, an engine's workers, do not keep it: see pipeline/locks.py)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fh = self.lock_path.open("a+")
+            held = locks.take(self.lock_path)
         except OSError as exc:
             raise OutputError(f"cannot create run folder {self.root}: {exc}") from None
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
+        if held is None:
             raise RunLockedError(
-                f"run folder {self.root} is in use by {holder}",
+                f"run folder {self.root} is in use by {locks.holder(self.lock_path)}",
                 hint="wait for that run to finish (labelmill status shows its progress), or "
                 "give this job another output: folder",
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"process {os.getpid()}")
-        fh.flush()
-        try:
+            )
+        # only the message for a refused second run: not worth stopping for (disk full)
+        with contextlib.suppress(OSError):
+            held.write(f"process {os.getpid()}")
+        with held:
             yield
-        finally:
-            fh.close()
 
     def is_locked(self) -> bool:
-        if not self.lock_path.exists():
-            return False
-        with self.lock_path.open("a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
+        return locks.held_by_other(self.lock_path)
 
     def manifest(self) -> Manifest | None:
         if not self.manifest_path.exists():
@@ -184,56 +194,193 @@ class RunFolder:
 
     def prepare(self, manifest: Manifest, job_yaml: str, restart: bool) -> None:
         """Start a new run, or check that the one on disk is the same job. Call under ``lock``."""
+        try:
+            self._prepare(manifest, job_yaml, restart)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot prepare run folder {self.root}: {exc}",
+                hint="check free disk space and permissions there",
+            ) from None
+
+    def _prepare(self, manifest: Manifest, job_yaml: str, restart: bool) -> None:
+        self.width = part_width(manifest.chunks)
         if restart:
             for path in (self.parts, self.markers, self.answers):
                 shutil.rmtree(path, ignore_errors=True)
             for path in (self.manifest_path, self.summary_path):
                 path.unlink(missing_ok=True)
-        old = self.manifest()
-        if old is not None and old.fingerprint != manifest.fingerprint and not self.finished():
+        try:
+            old = self.manifest()
+        except RunStateError:
+            old = _DAMAGED
+        markers = self._markers()
+        if old is None or old is _DAMAGED:
+            foreign = {}
+            for marker in markers.values():
+                print_ = marker.fingerprint or self._part_fingerprint(marker.chunk)
+                if print_ is not None and print_ != manifest.fingerprint:
+                    foreign[print_] = foreign.get(print_, 0) + 1
+            if foreign:
+                what = "damaged" if old is _DAMAGED else "missing"
+                raise RunStateError(
+                    f"{self.manifest_path} is {what}, and {self.markers} holds "
+                    f"{sum(foreign.values())} finished chunk(s) of another job (fingerprint "
+                    f"{', '.join(sorted(foreign))}): they can't be resumed under this one",
+                    hint="to keep them, give this job a new output: folder; to discard them and "
+                    "start over here, rerun with --restart",
+                )
+            if old is _DAMAGED:
+                log.warning(
+                    "%s was damaged: written again from the job; finished chunks are checked against it",
+                    self.manifest_path,
+                    extra=logs.fields("manifest_rewritten", path=str(self.manifest_path)),
+                )
+        elif old.fingerprint != manifest.fingerprint:
+            if any(self.part_path(i).exists() for i in markers):
+                before, now = old.components, manifest.components
+                changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+                raise JobChangedError(
+                    f"the job changed since {self.root} was started: {', '.join(changed)} differ",
+                    hint="to keep the finished parts, give the job a new output: folder; to discard "
+                    f"them and start over here, rerun with --restart ({len(markers)} "
+                    "finished chunk(s) would be deleted)",
+                )
             old = None  # nothing was finished under the old job (it failed at start): nothing to protect
-        if old is not None and old.fingerprint != manifest.fingerprint:
-            before, now = old.components, manifest.components
-            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-            raise JobChangedError(
-                f"the job changed since {self.root} was started: {', '.join(changed)} differ",
-                hint="to keep the finished parts, give the job a new output: folder; to discard "
-                f"them and start over here, rerun with --restart ({len(self.finished())} "
-                "finished chunk(s) would be deleted)",
-            )
         self.parts.mkdir(parents=True, exist_ok=True)
         self.markers.mkdir(parents=True, exist_ok=True)
         for folder in (self.parts, self.markers, self.root):
             for tmp in folder.glob(".*.tmp-*"):
                 tmp.unlink(missing_ok=True)
-        if old is None:
+        if old is None or old is _DAMAGED:
             self.summary_path.unlink(missing_ok=True)
             legacy = {"attributes"} if manifest.attributes is None else None
             write_text_atomic(manifest.model_dump_json(indent=2, exclude=legacy), self.manifest_path)
         write_text_atomic(job_yaml, self.job_path)
 
-    def finished(self) -> dict[int, ChunkMarker]:
-        """Markers of finished chunks whose part file exists, by chunk index."""
-        done: dict[int, ChunkMarker] = {}
+    def _markers(self) -> dict[int, ChunkMarker]:
+        """Every readable marker whose name and content agree, by chunk index; no checks of parts."""
+        found: dict[int, ChunkMarker] = {}
         if not self.markers.is_dir():
-            return done
+            return found
         for path in sorted(self.markers.glob("chunk-*.json")):
-            marker = _read(ChunkMarker, path)
-            if self.part_path(marker.chunk).exists():
-                done[marker.chunk] = marker
+            index = _index(path)
+            try:
+                marker = _read(ChunkMarker, path)
+            except RunStateError:
+                continue
+            if index is not None and marker.chunk == index:
+                found[index] = marker
+        return found
+
+    def _part_fingerprint(self, chunk: int) -> str | None:
+        try:
+            meta = pq.read_schema(self.part_path(chunk)).metadata or {}
+            return json.loads(meta[b"labelmill"])["job_fingerprint"]
+        except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
+            return None
+
+    def finished(self) -> dict[int, ChunkMarker]:
+        """Markers of finished chunks whose part is there at the size they name, by chunk index.
+        Cheap (no part is read); a run checks more before it trusts them (see ``verify``)."""
+        done = {}
+        for index, marker in self._markers().items():
+            try:
+                size = self.part_path(index).stat().st_size
+            except OSError:
+                continue
+            if marker.part_bytes in (None, size):
+                done[index] = marker
         return done
 
+    def verify(
+        self, fingerprint: str, chunks: dict[int, int], *, clean: bool = True
+    ) -> tuple[dict[int, ChunkMarker], list[str]]:
+        """The finished chunks a run can trust, and why the others can't be: ``chunks`` maps the
+        plan's chunk indexes to their row counts. With ``clean`` (under ``lock``), markers that
+        fail and parts nobody vouches for are removed, so the folder holds only what is listed."""
+        trusted: dict[int, ChunkMarker] = {}
+        problems: list[str] = []
+        unusable: list[Path] = []
+        for path in sorted(self.markers.glob("chunk-*.json")) if self.markers.is_dir() else []:
+            index = _index(path)
+            try:
+                marker = _read(ChunkMarker, path)
+            except RunStateError as exc:
+                problems.append(exc.message)
+                unusable.append(path)
+                continue
+            why = self._distrust(marker, index, fingerprint, chunks)
+            if why:
+                problems.append(f"chunk {index}: {why}")
+                unusable.append(path)
+            else:
+                trusted[marker.chunk] = marker
+        if clean:
+            keep = {self.part_path(i) for i in trusted}
+            stray = (
+                [p for p in self.parts.glob("part-*.parquet") if p not in keep] if self.parts.is_dir() else []
+            )
+            try:
+                for path in unusable + stray:
+                    path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot remove {exc.filename} from {self.root}: {exc.strerror}",
+                    hint="check the permissions of the run folder",
+                ) from None
+        return trusted, problems
+
+    def _distrust(
+        self, marker: ChunkMarker, index: int | None, fingerprint: str, chunks: dict[int, int]
+    ) -> str | None:
+        """Why a finished chunk can't be trusted, or None."""
+        if index is None or marker.chunk != index:
+            return f"its marker names chunk {marker.chunk}"
+        if chunks.get(index) != marker.rows:
+            return "the marker is not of this run's chunk plan"
+        if marker.fingerprint not in (None, fingerprint):
+            return f"its marker is of another job (fingerprint {marker.fingerprint})"
+        path = self.part_path(index)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return "its part is missing"
+        if marker.part_bytes is not None and size != marker.part_bytes:
+            return f"its part has {size} bytes, the marker says {marker.part_bytes}"
+        if marker.part_sha256 is not None:
+            if file_sha256(path) != marker.part_sha256:
+                return "its part's content changed since it was written (checksum differs)"
+            return None
+        # written before markers held a checksum: what the part says about itself must agree
+        try:
+            meta = pq.read_metadata(path)
+            stamp = json.loads((meta.schema.to_arrow_schema().metadata or {})[b"labelmill"])
+        except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
+            return "its part is not readable"
+        if meta.num_rows != marker.rows:
+            return f"its part has {meta.num_rows} rows, the marker says {marker.rows}"
+        if stamp.get("job_fingerprint") != fingerprint:
+            return "its part is of another job"
+        return None
+
     def commit(self, table: pa.Table, marker: ChunkMarker) -> None:
-        """Part first, marker second: a marker always vouches for a complete part."""
-        write_parquet_atomic(table, self.part_path(marker.chunk))
+        """Part first, marker second: a marker always vouches for a complete part, by its size and
+        checksum."""
+        path = self.part_path(marker.chunk)
+        write_parquet_atomic(table, path)
+        try:
+            marker.part_bytes = path.stat().st_size
+            marker.part_sha256 = file_sha256(path)
+        except OSError as exc:
+            raise OutputError(f"cannot read back {path}: {exc}") from None
         write_text_atomic(marker.model_dump_json(), self.marker_path(marker.chunk))
 
     def write_summary(self, summary: dict) -> None:
         write_text_atomic(json.dumps(summary, indent=2, ensure_ascii=False), self.summary_path)
 
-    def summarise(self, manifest: Manifest) -> dict[str, Any]:
-        """Totals over every finished chunk on disk (all invocations of the run)."""
-        markers = list(self.finished().values())
+    def summarise(self, manifest: Manifest, markers: Iterable[ChunkMarker] | None = None) -> dict[str, Any]:
+        """Totals over finished chunks (all invocations of the run): ``markers``, or those on disk."""
+        markers = list(self.finished().values() if markers is None else markers)
         rows_done = sum(m.rows for m in markers)
         seconds = sum(m.seconds for m in markers)
         rate = rows_done / seconds if seconds else None
@@ -256,6 +403,21 @@ class RunFolder:
             "backend": manifest.provenance.get("backend"),
             "fingerprint": manifest.fingerprint,
         }
+
+
+def part_width(chunks: int) -> int:
+    """Digits in part and marker names: five, or as many as the last chunk's index needs."""
+    return max(5, len(str(max(chunks - 1, 0))))
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _index(path: Path) -> int | None:
+    found = re.fullmatch(r"chunk-(\d+)\.json", path.name)
+    return int(found.group(1)) if found else None
 
 
 def status_totals(markers: Iterable[ChunkMarker]) -> dict[str, int]:

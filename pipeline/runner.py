@@ -29,10 +29,11 @@ from pipeline.backends.base import Backend
 from pipeline.cache import ResultCache
 from pipeline.config import JobConfig
 from pipeline.contracts import STATUSES, Status
+from pipeline.errors import RunStateError
 from pipeline.flow import AnswerSource, AnswerStore, BackendSource, ChunkPipeline
 from pipeline.io import Chunk, read_chunk
 from pipeline.plan import Plan, cache_root, check_backend, make_backend, now, plan_job, text_budget
-from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, status_totals
+from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, part_width, status_totals
 
 log = logs.get("run")
 
@@ -44,11 +45,23 @@ class WorkItem:
     """The chunk's marker when it is finished and only its failed rows are asked again."""
 
 
-def pending_work(plan: Plan, folder: RunFolder) -> tuple[list[WorkItem], dict[int, ChunkMarker]]:
-    """The chunks that need work, in order, and the finished ones. A folder that holds another
-    job's run (or none) has nothing finished for this plan."""
-    manifest = folder.manifest()
-    finished = folder.finished() if manifest and manifest.fingerprint == plan.manifest.fingerprint else {}
+def pending_work(
+    plan: Plan, folder: RunFolder, *, clean: bool = False
+) -> tuple[list[WorkItem], dict[int, ChunkMarker]]:
+    """The chunks that need work, in order, and the finished ones this run can trust (see
+    ``RunFolder.verify``; with ``clean``, under the folder's lock, what it can't trust is removed).
+    A folder that holds another job's run (or none) has nothing finished for this plan."""
+    manifest = folder.manifest() if folder.manifest_path.exists() else None
+    finished: dict[int, ChunkMarker] = {}
+    if manifest is not None and manifest.fingerprint == plan.manifest.fingerprint:
+        folder.width = part_width(plan.manifest.chunks)
+        rows = {c.index: c.rows for c in plan.chunks}
+        finished, problems = folder.verify(plan.manifest.fingerprint, rows, clean=clean)
+        for problem in problems:
+            log.warning(
+                "%s; it is labelled again", problem,
+                extra=logs.fields("chunk_distrusted", problem=problem),
+            )  # fmt: skip
     work = []
     for chunk in plan.chunks:
         marker = finished.get(chunk.index)
@@ -61,7 +74,33 @@ def pending_work(plan: Plan, folder: RunFolder) -> tuple[list[WorkItem], dict[in
 
 def previous_output(folder: RunFolder, item: WorkItem) -> pa.Table | None:
     """A finished chunk's output, when only its failed rows are asked again."""
-    return pq.read_table(folder.part_path(item.chunk.index)) if item.earlier is not None else None
+    if item.earlier is None:
+        return None
+    path = folder.part_path(item.chunk.index)
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise RunStateError(
+            f"{path} became unreadable during the run: {exc}", hint="rerun the same command"
+        ) from None
+
+
+def check_store(store: AnswerStore | None, finished: dict[int, ChunkMarker], work: list[WorkItem]) -> None:
+    """Refuse to go on when the answer store the finished chunks shared their answers through is
+    gone (cleared, moved or replaced): the chunks still to do could give a text another answer
+    than the finished ones gave it."""
+    current = getattr(store, "store_id", None)
+    if current is None or not work:
+        return
+    used = {m.store for m in finished.values() if m.store is not None}
+    if used and used != {current}:
+        raise RunStateError(
+            f"the answers this run's {len(finished)} finished chunk(s) shared are gone from "
+            f"{getattr(store, 'folder', 'the answer store')} (it was cleared or replaced since): "
+            "the chunks still to do could label a text differently from the finished ones",
+            hint="rerun with --restart to label every row again with one store, or give the job "
+            "a new output: folder",
+        )
 
 
 def open_store(plan: Plan, folder: RunFolder) -> ResultCache | None:
@@ -116,15 +155,15 @@ def run_plan(
     folder = RunFolder(job.output)
     with folder.lock():
         job_yaml = yaml.safe_dump(job.to_dict(), sort_keys=False, allow_unicode=True)
-        folder.prepare(plan.manifest, job_yaml, restart)
-        work, finished = pending_work(plan, folder)
-        repair = [w for w in work if w.earlier is not None]
-        done_rows = sum(m.rows for m in finished.values())
         log.info(
             "run %s: %d rows in %d chunks, task %s, backend %s, model %s",
             folder.root, plan.rows, len(plan.chunks), job.task, job.backend, job.model,
             extra=logs.fields("start", rows=plan.rows, chunks=len(plan.chunks), run_folder=str(folder.root)),
         )  # fmt: skip
+        folder.prepare(plan.manifest, job_yaml, restart)
+        work, finished = pending_work(plan, folder, clean=True)
+        repair = [w for w in work if w.earlier is not None]
+        done_rows = sum(m.rows for m in finished.values())
         if finished:
             log.info(
                 "resuming: %d/%d chunks already done (%d rows)", len(finished), len(plan.chunks), done_rows,
@@ -152,13 +191,24 @@ def run_plan(
                     store = open_store(plan, folder)
                     if store is not None:
                         stack.callback(store.close)
+                if job.cache.enabled:
+                    # the run's own store is labelmill's to remove (when the run is complete);
+                    # only the shared cache can be cleared behind a run's back
+                    check_store(store, finished, work)
+                for problem in getattr(store, "problems", []):
+                    log.warning(
+                        "result cache: %s; those texts are asked again (labelmill cache repair "
+                        "rewrites the files without the damage)", problem,
+                        extra=logs.fields("cache_damaged", problem=problem),
+                    )  # fmt: skip
                 bar = stack.enter_context(_Progress(plan.rows, done_rows, progress))
                 pipeline = ChunkPipeline(
                     plan, backend, text_budget(plan, backend), store, source or BackendSource(backend)
                 )
                 totals = status_totals(finished.values())
+                store_id = getattr(store, "store_id", None)
                 for item, out, stats, seconds in labelled_chunks(pipeline, folder, work):
-                    rows_now += _commit(plan, folder, item, out, stats, seconds, totals)
+                    rows_now += _commit(plan, folder, item, out, stats, seconds, totals, store_id)
                     labelling += seconds
                     bar.update(item.chunk.rows if item.earlier is None else 0, totals)
                 if own_store and store is not None and job.cache.enabled:
@@ -198,11 +248,13 @@ def labelled_chunks(
 
 
 def _commit(
-    plan, folder, item: WorkItem, out, stats: ChunkStats, seconds: float, totals: dict[str, int]
-) -> int:
+    plan, folder, item: WorkItem, out, stats: ChunkStats, seconds: float, totals: dict[str, int],
+    store_id: str | None,
+) -> int:  # fmt: skip
     """Write a labelled chunk's part and marker, and log it; returns the rows it labelled."""
     chunk, earlier = item.chunk, item.earlier
     marker = chunk_marker(plan, chunk, out, seconds, stats, earlier)
+    marker.store = store_id
     folder.commit(out, marker)
     for k, v in marker.status_counts.items():
         totals[k] = totals.get(k, 0) - (earlier.count(k) if earlier else 0) + v
@@ -235,10 +287,11 @@ def chunk_marker(
         file=str(plan.files[chunk.file_index].path),
         start=chunk.start,
         rows=chunk.rows,
-        part=f"parts/part-{chunk.index:05d}.parquet",
+        part=f"parts/part-{chunk.index:0{part_width(len(plan.chunks))}d}.parquet",
         status_counts={s: counts.get(s, 0) for s in STATUSES},
         seconds=round((earlier.seconds if earlier else 0.0) + seconds, 3),
         finished_at=now(),
+        fingerprint=plan.manifest.fingerprint,
         **added,
     )
 

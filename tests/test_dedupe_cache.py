@@ -99,7 +99,7 @@ def test_changing_the_normalisation_is_a_job_change(make_job):
     job_files = make_job(_table(["a", "b"]))
     _run(job_files)
     job_files.rewrite(dedupe={"casefold": False})
-    with pytest.raises(JobChangedError, match="rows"):
+    with pytest.raises(JobChangedError, match="answer_reuse"):
         _run(job_files)
 
 

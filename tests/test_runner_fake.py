@@ -684,16 +684,23 @@ def test_rows_the_backend_failed_on_are_retried_on_rerun(make_job, read_parts) -
     assert all(r["label"] for r in after)
 
 
-def test_a_damaged_marker_or_manifest_is_named_not_a_traceback(make_job) -> None:
+def test_a_damaged_marker_or_manifest_is_redone_and_said(make_job, read_parts, caplog) -> None:
     job_files = make_job(default_table(12), chunk_rows=5)
     quiet_run(job_files.load())
+    before = read_parts(job_files.output).to_pylist()
     marker = RunFolder(job_files.output).marker_path(1)
     marker.write_text('{"chunk": 1, "rows": ')
-    with pytest.raises(RunStateError, match=r"chunk-00001\.json is damaged") as info:
-        quiet_run(job_files.load())
-    assert "--restart" in str(info.value) and info.value.exit_code == 3
-    summary = quiet_run(job_files.load(), restart=True)
-    assert summary["complete"]
+    summary = quiet_run(job_files.load())
+    assert summary["this_invocation"]["chunks_labelled"] == 1
+    assert any(
+        "chunk-00001.json is damaged" in r.message and "labelled again" in r.message for r in caplog.records
+    )
+    assert read_parts(job_files.output).to_pylist() == before
+    (job_files.output / "run.json").write_text("{}")
+    summary = quiet_run(job_files.load())
+    assert summary["this_invocation"]["chunks_labelled"] == 0  # same job: run.json written again
+    assert json.loads((job_files.output / "run.json").read_text())["rows"] == 12
+    # status names a damaged run.json instead of a traceback
     (job_files.output / "run.json").write_text("{}")
     with pytest.raises(RunStateError, match=r"run\.json is damaged"):
-        quiet_run(job_files.load())
+        RunFolder(job_files.output).manifest()

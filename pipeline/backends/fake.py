@@ -47,6 +47,11 @@ class FakeBackend(ByteTokens, Backend):
     section = "fake"
     Settings = FakeSettings
 
+    @classmethod
+    def identity(cls, settings: FakeSettings) -> dict | None:
+        # Row text is cut to fit max_model_len, which can change the answer; speed can't.
+        return {"max_model_len": settings.max_model_len} if settings.max_model_len else None
+
     @property
     def max_model_len(self) -> int | None:
         return self.settings.max_model_len

@@ -9,7 +9,7 @@ import sys
 import click
 
 from pipeline import __version__, logs
-from pipeline.errors import LabelmillError
+from pipeline.errors import LabelmillError, OutputError
 
 EXIT_ROW_ERRORS = 6
 INTERRUPTED = "interrupted: finished chunks are kept; rerun the same command to resume"
@@ -30,6 +30,18 @@ def domain_errors(fn):
             else:
                 click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            # The disk or the file system said no somewhere nobody expected (full, read-only,
+            # a file removed under the run): a message and the output error's exit code, with
+            # finished chunks kept, is more use than a traceback.
+            where = f" ({exc.filename})" if exc.filename else ""
+            message = f"{exc.strerror or exc}{where}"
+            hint = "check free disk space and permissions; finished chunks are kept, rerun to resume"
+            if json_logs():
+                log.error(message, extra=logs.fields("error", exit_code=OutputError.exit_code, hint=hint))
+            else:
+                click.secho(f"error: {message}\n  -> {hint}", fg="red", err=True)
+            sys.exit(OutputError.exit_code)
         except KeyboardInterrupt:
             if json_logs():
                 log.warning(INTERRUPTED, extra=logs.fields("interrupted", exit_code=130))

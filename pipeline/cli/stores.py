@@ -57,16 +57,81 @@ def cache_info(job_file: str | None, root: str | None, as_json: bool) -> None:
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @domain_errors
 def cache_clear(job_file: str) -> None:
-    """Forget the answers cached for JOB_FILE's model, prompt, labels and settings."""
-    import shutil
+    """Forget the answers cached for JOB_FILE's model, prompt, labels and settings. Refused while a
+    run of that job has them open."""
+    from pipeline.cache import clear
 
     namespace, root = _job_namespace(job_file)
-    folder = root / namespace
-    if not folder.exists():
+    if not clear(root, namespace):
         click.echo(f"nothing cached for this job in {root}")
         return
-    shutil.rmtree(folder)
-    click.echo(f"removed {folder}")
+    click.echo(f"removed {root / namespace}")
+
+
+@cache.command("verify")
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--path", "root", default=None, help="Cache folder (default: $LABELMILL_HOME/cache).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@domain_errors
+def cache_verify(job_file: str | None, root: str | None, as_json: bool) -> None:
+    """Check every stored answer's checksum (with JOB_FILE, that job's only). Exits 3 when
+    something is damaged; `labelmill cache repair` fixes it."""
+    from pipeline.cache import verify_store
+    from pipeline.errors import StoreDamagedError
+
+    namespace, root = _where(job_file, root)
+    report = verify_store(root, namespace)
+    files = [r for r in report if r["file"]]
+    problems = [p for r in files for p in r["problems"]]
+    leftovers = [p for r in report if not r["file"] for p in r["leftover_files"]]
+    duplicates = sum(r.get("duplicate_entries", 0) for r in report if not r["file"])
+    unsealed = sum(r["unsealed_batches"] for r in files)
+    if as_json:
+        click.echo(json.dumps({"path": str(root), "files": report}, indent=2, ensure_ascii=False))
+    else:
+        click.echo(
+            f"{root}: {len(files)} file(s), {sum(r['entries'] for r in files)} answers checked; "
+            f"{len(problems)} problem(s), {duplicates} duplicate answer(s), {unsealed} batch(es) "
+            f"without a checksum, {len(leftovers)} leftover file(s)"
+        )
+        for line in problems + [f"{p}: left by a killed process" for p in leftovers]:
+            click.echo(f"  {line}")
+    if problems:
+        raise StoreDamagedError(
+            f"{len(problems)} damaged part(s) in {root}: runs skip them and ask those texts again",
+            hint="labelmill cache repair rewrites the files without them",
+        )
+
+
+@cache.command("repair")
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--path", "root", default=None, help="Cache folder (default: $LABELMILL_HOME/cache).")
+@domain_errors
+def cache_repair(job_file: str | None, root: str | None) -> None:
+    """Rewrite the cache's files (with JOB_FILE, that job's only) keeping only answers whose
+    checksum holds, one per text, and remove what killed processes left. Files a running job is
+    writing are left alone."""
+    from pipeline.cache import repair
+
+    namespace, root = _where(job_file, root)
+    for done in repair(root, namespace):
+        click.echo(
+            f"{done['namespace']}: {done['files_merged']} file(s) rewritten, {done['entries_kept']} "
+            f"answers kept, {done['batches_dropped']} damaged batch(es) and "
+            f"{done['duplicates_dropped']} duplicate(s) dropped"
+        )
+
+
+def _where(job_file: str | None, root: str | None):
+    from pathlib import Path
+
+    from pipeline.models import labelmill_home
+
+    namespace = None
+    if job_file:
+        namespace, job_root = _job_namespace(job_file)
+        root = root or str(job_root)
+    return namespace, Path(root or labelmill_home() / "cache")
 
 
 def _job_namespace(job_file: str):
