@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline import logs
 from pipeline.config import JobConfig
 from pipeline.costs import ApiPrice, GpuPrice, PriceTable, Projection, Sample, project
-from pipeline.errors import ConfigError, MissingDependencyError
+from pipeline.errors import ConfigError, MissingDependencyError, yaml_position
+from pipeline.io import cast_to_plan
 from pipeline.plan import plan_job
 from pipeline.runner import run_job
 
@@ -67,8 +68,10 @@ def load_profiles(path: str | Path) -> dict[str, Profile]:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read backend profiles {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read backend profiles {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"backend profiles {path} are not valid YAML: {yaml_position(exc)}") from None
     profiles = {}
     for name, spec in raw.items():
         try:
@@ -95,7 +98,8 @@ def sample_input(job: JobConfig, rows: int, seed: int, out: Path, extra_columns:
                 take.append(wanted[w] - offset)
                 w += 1
             if take:  # only row groups holding sampled rows are read: memory stays bounded
-                pieces.append(pf.read_row_group(gi, columns=columns).take(pa.array(take)))
+                piece = pf.read_row_group(gi, columns=columns).take(pa.array(take))
+                pieces.append(cast_to_plan(f, piece))  # input files may differ in type width
             offset += n
     table = pa.concat_tables(pieces)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ import pyarrow.compute as pc
 from pipeline import locks
 from pipeline.contracts import ANSWER_SCHEMA
 from pipeline.errors import OutputError, StoreBusyError
-from pipeline.io import write_text_atomic
+from pipeline.io import fsync_dir, write_text_atomic
 
 ENTRY_SCHEMA = pa.schema(
     [pa.field("key", pa.string()), pa.field("sent", pa.string())]
@@ -255,6 +255,7 @@ class ResultCache:
         writer = pa.ipc.new_stream(handle, _FILE_SCHEMA)
         self._path = self.folder / name
         os.replace(hidden, self._path)
+        fsync_dir(self.folder)  # the name must survive a power cut as long as the answers do
         self._file, self._writer = handle, writer
         self._file_rows = 0
 
@@ -517,7 +518,7 @@ def merge(folder: Path, files: list[Path], batch_rows: int, *, always: bool = Fa
                 _write_file(folder, name, kept, batch_rows)
             for path in merged:
                 path.unlink(missing_ok=True)
-            _fsync_dir(folder)
+            fsync_dir(folder)
             done["files_merged"] = len(merged)
             return done
         finally:
@@ -538,6 +539,7 @@ def _write_file(folder: Path, name: str, table: pa.Table, batch_rows: int) -> No
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(tmp, folder / name)
+        fsync_dir(folder)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -629,11 +631,3 @@ def _alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(folder: Path) -> None:  # TEMP
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -36,7 +36,7 @@ from pydantic import (
 from pipeline import plugins
 from pipeline.contracts import Options, Sampling
 from pipeline.dedupe import DedupeConfig
-from pipeline.errors import ConfigError, JobFileError
+from pipeline.errors import ConfigError, JobFileError, yaml_position
 
 
 class CacheConfig(Options):
@@ -184,8 +184,10 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise JobFileError(f"job file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobFileError(f"cannot read job file {path}: {type(exc).__name__}") from None
     except yaml.YAMLError as exc:
-        raise JobFileError(f"{path} is not valid YAML: {exc}") from None
+        raise JobFileError(f"{path} is not valid YAML: {yaml_position(exc) or 'a syntax error'}") from None
     if not isinstance(raw, dict):
         raise JobFileError(f"{path} must hold a mapping of keys (input:, output:, ...)")
     raw.update(overrides or {})

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, yaml_position
 
 UNVERIFIED_NOTE = "unverified; check source"
 """A ``note`` starting with this marks a price not read on the provider's own page."""
@@ -127,7 +127,7 @@ def load_prices(path: str | Path = "prices.yaml") -> PriceTable:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"price file {path} is not UTF-8 text ({exc.reason})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_position(exc) or 'a syntax error'}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping with 'api:' and 'gpu:' lists")
     try:

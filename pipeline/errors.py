@@ -115,3 +115,10 @@ class ModelNotFoundError(BackendError):
 
 class OutputError(LabelmillError):
     exit_code = 5
+
+
+def yaml_position(exc: Exception) -> str:
+    """Where a YAML file is wrong, as ``line N, column M`` (or ""): PyYAML's own message quotes the
+    offending line, and a path given by mistake (a system file) must not have its contents shown."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -12,6 +12,7 @@ with no value, or a ``prompt_vars`` key the template never uses, is an error nam
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import string
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.errors import PromptError
+from pipeline.errors import PromptError, yaml_position
 
 
 class PromptTemplate(BaseModel):
@@ -71,24 +72,65 @@ class RenderedPrompt:
 
 
 def load_template(path: str | Path) -> PromptTemplate:
+    """Read and check a template file. Errors name the file and a line, never the file's text: a job
+    whose ``prompt:`` points at the wrong file (a key file, ``/etc/passwd``) must not copy it into a
+    log."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PromptError(
             f"prompt template {path} not found", hint="see prompts/ for the shipped ones"
         ) from None
+    except OSError as exc:
+        raise PromptError(
+            f"prompt template {path} can't be read ({exc.strerror or type(exc).__name__})"
+        ) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PromptError(f"prompt template {path} is not UTF-8 text: line {line} ({exc.reason})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        raise PromptError(f"prompt template {path} is not valid YAML: {exc}") from None
+        where = yaml_position(exc)
+        raise PromptError(
+            f"prompt template {path} is not valid YAML{': ' + where if where else ''}"
+        ) from None
+    finally:
+        loader.dispose()
+    if not isinstance(raw, dict):
+        line = node.start_mark.line + 1 if node is not None else 1
+        raise PromptError(
+            f"prompt template {path}: line {line}: expected keys (system:, user:, ...), found no mapping",
+            hint="see prompts/ for the shipped templates",
+        )
+    lines = {
+        str(key.value): key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)
+    }
     try:
         return PromptTemplate.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'file'}: "
-            + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors()
-        )
+        problems = "; ".join(_template_problem(e, lines) for e in exc.errors())
         raise PromptError(f"prompt template {path}: {problems}") from None
+
+
+def _template_problem(error: dict, lines: dict[str, int]) -> str:
+    key = str(error["loc"][0]) if error["loc"] else ""
+    at = f"line {lines[key]}: " if key in lines else ""
+    if error["type"] == "missing":
+        return f"missing key '{key}'"
+    if error["type"] != "extra_forbidden":
+        return f"{at}{key}: {error['msg']}"
+    # An unknown key is named only when it is a misspelt known one: any other name is the file's
+    # text, which may be anything.
+    known = difflib.get_close_matches(key, PromptTemplate.model_fields, n=1, cutoff=0.8)
+    if known:
+        return f"{at}unknown key '{key}' (did you mean '{known[0]}'?)"
+    return f"{at}unknown key (the keys are {', '.join(PromptTemplate.model_fields)})"
 
 
 def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPrompt:
@@ -147,10 +189,16 @@ def _fields(text: str, path: str | Path, part: str) -> list[str]:
     except ValueError as exc:
         raise PromptError(f"{path}: {part} message: {exc} (write {{{{ and }}}} for literal braces)") from None
     fields = []
-    for _, name, spec, conversion in parsed:
+    line = 1
+    for literal, name, spec, conversion in parsed:
+        line += literal.count("\n")
         if name is None:
             continue
         if not name.isidentifier() or spec or conversion:
-            raise PromptError(f"{path}: {part} message: placeholder {{{name}}} must be a plain name")
+            # Named by its position: what sits between the braces may be anything.
+            raise PromptError(
+                f"{path}: {part} message, line {line} of the message: a placeholder must be a plain "
+                f"name like {{labels}} (no index, format spec or conversion)"
+            )
         fields.append(name)
     return fields

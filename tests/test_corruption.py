@@ -355,3 +355,52 @@ def test_batches_written_before_checksums_are_still_read(tmp_path):
     assert read_file(path).unsealed == 0
     assert ResultCache(tmp_path, "ns").lookup(pl.Series(["old"]))[1].column("text").to_pylist() == ["OLD"]
     assert np.array_equal(ResultCache(tmp_path, "ns").lookup(pl.Series(["old"]))[0], [0])
+
+
+def _cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO_ROOT, **kwargs
+    )
+
+
+def _disk_full_after(limit: int):
+    """A process whose files can't grow past ``limit`` bytes: writes fail as on a full disk."""
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_stops_with_a_message_and_the_rerun_finishes(make_job, read_parts):
+    job_files = make_job(default_table(300), chunk_rows=20)
+    done = _cli(["run", str(job_files.path)], preexec_fn=_disk_full_after(8000))
+    assert done.returncode == 5, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "error:" in done.stderr
+    assert "File too large" in done.stderr  # the system's own words, and the file
+    again = _cli(["run", str(job_files.path)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    reference = make_job(default_table(300), chunk_rows=20, cache={"enabled": False})
+    run_job(reference.load())
+    key = ["id", "label", "confidence", "status"]
+    assert read_parts(job_files.output).select(key) == read_parts(reference.output).select(key)
+
+
+def test_a_read_only_run_folder_is_a_message_not_a_traceback(make_job):
+    job_files = make_job(default_table(30), chunk_rows=10)
+    run_job(job_files.load())
+    folder = RunFolder(job_files.output)
+    folder.marker_path(1).unlink()
+    if subprocess.run(["chattr", "+i", str(folder.parts)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (needed to make a folder read-only for root)")
+    try:
+        done = _cli(["run", str(job_files.path)])
+        status = _cli(["status", str(job_files.output)])
+    finally:
+        subprocess.run(["chattr", "-i", str(folder.parts)])
+    assert done.returncode == 5 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "parts" in done.stderr
+    assert status.returncode == 0 and "stopped" in status.stdout

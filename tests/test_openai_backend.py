@@ -15,8 +15,10 @@ from conftest import default_table
 from fault_server import FaultServer
 
 from pipeline import logs
-from pipeline.backends.openai import RateLimiter
+from pipeline.backends import chat_api
+from pipeline.backends.openai import ApiSettings, OpenAIBackend, RateLimiter, looks_like_credential
 from pipeline.config import load_job
+from pipeline.contracts import Constraint, Request, Sampling
 from pipeline.errors import BackendError, JobFileError
 from pipeline.runner import run_job
 
@@ -150,6 +152,79 @@ def test_a_key_in_extra_body_is_refused(make_job, server, tmp_path):
     )
     with pytest.raises(JobFileError, match="credential"):
         load_job(job_files.path)
+
+
+def test_known_fields_go_through_and_others_only_when_named(make_job, server, monkeypatch):
+    monkeypatch.setenv(ENV, KEY)
+    extra = {"top_k": 1, "min_tokens": 1, "stop_token_ids": [7], "provider": {"sort": "price"}}
+    refused = make_job(
+        default_table(2), backend="openai", model="m", api=_api(server, extra_body={**extra, "x_trace": "on"})
+    )
+    with pytest.raises(JobFileError, match=r"extra_body\.x_trace is not a known .* api\.extra_fields"):
+        load_job(refused.path)
+    api = _api(server, extra_body={**extra, "x_trace": "on"}, extra_fields=["x_trace"])
+    _run(make_job(default_table(2), backend="openai", model="m", api=api))
+    assert server.seen_bodies and all(
+        {**extra, "x_trace": "on"}.items() <= body.items() for body in server.seen_bodies
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["api_key", "apiKey", "X-Api-Key", "Authorization", "access_token", "clientSecret", "PASSWD", "Cookie",
+     "headers", "x.auth", "privatekey", "id_token"],
+)  # fmt: skip
+def test_credential_names_in_any_spelling(name):
+    assert looks_like_credential(name)
+    with pytest.raises(ValueError, match="credential"):
+        ApiSettings(base_url="http://127.0.0.1:1/v1", extra_body={"provider": {name: "x"}})
+
+
+@pytest.mark.parametrize(
+    "name", ["min_tokens", "max_tokens", "stop_token_ids", "skip_special_tokens", "thinking_token_budget",
+             "sort", "author", "monkey", "order", "allow_fallbacks"],
+)  # fmt: skip
+def test_counting_tokens_is_not_a_credential(name):
+    assert not looks_like_credential(name)
+
+
+def test_the_escape_hatch_never_opens_for_labelmills_own_fields_or_credentials():
+    with pytest.raises(ValueError, match="job key 'prompt'"):
+        ApiSettings(base_url="http://127.0.0.1:1/v1", extra_body={"messages": []}, extra_fields=["messages"])
+    with pytest.raises(ValueError, match="extra_fields entry 'session_key' look like credentials"):
+        ApiSettings(
+            base_url="http://127.0.0.1:1/v1", extra_body={"session_key": "x"}, extra_fields=["session_key"]
+        )
+
+
+def test_a_request_body_refuses_extra_fields_that_replace_its_own():
+    # Settings built without validation (model_construct) must not slip a prompt past the wire format.
+    request = Request(constraint=Constraint(choice=("A", "B")), max_tokens=4, sampling=Sampling())
+    with pytest.raises(ValueError, match="messages"):
+        chat_api.request_body("m", [{"role": "user", "content": "x"}], request, extra_body={"messages": []})
+
+
+def test_identity_covers_what_changes_an_answer_and_nothing_else():
+    base = ApiSettings(base_url="http://127.0.0.1:8000/v1")
+    same = [
+        {"base_url": "http://127.0.0.1:8000/v1/"},
+        {"timeout_s": 5.0, "max_retries": 0, "max_concurrency": 1},
+        {"requests_per_minute": 10, "tokens_per_minute": 1000, "api_key_env": "OTHER_KEY"},
+    ]
+    different = [
+        {"base_url": "http://127.0.0.1:8001/v1"},
+        {"constraint": "none"},
+        {"logprobs": False},
+        {"extra_body": {"top_k": 5}},
+        {"max_model_len": 2048},
+    ]
+    identity = OpenAIBackend.identity(base)
+    for change in same:
+        assert OpenAIBackend.identity(base.model_copy(update=change)) == identity, change
+    for change in different:
+        assert OpenAIBackend.identity(base.model_copy(update=change)) != identity, change
+    described = OpenAIBackend.describe_settings(base.model_copy(update={"extra_body": {"top_k": 5}}))
+    assert described["base_url"] == identity["base_url"] and described["extra_body"] == {"top_k": 5}
 
 
 def test_rate_limiter_spreads_requests_over_the_window():

@@ -3,6 +3,8 @@
 Shared by the ``openai`` backend (over HTTP), and by batch files (``labelmill export`` writes these
 bodies; ``labelmill import`` reads result bodies) for every backend that can be served this way.
 
+``extra_body`` fields go in last, and may not be fields this module sets (``OWNED_FIELDS``).
+
 Constraint modes: ``choice`` sends vLLM's structured outputs (``structured_outputs: {choice:
 [...]}`` or ``{json: schema}``); ``json_schema`` sends OpenAI's ``response_format`` (a bare choice
 becomes ``{"label": <one of them>}``, unwrapped again when read); ``none`` relies on the prompt.
@@ -16,6 +18,62 @@ from typing import Any
 from pipeline.contracts import Completion, Constraint, Messages, Request
 
 URL = "/v1/chat/completions"
+
+OWNED_FIELDS: dict[str, str | None] = {
+    "model": "model",
+    "messages": "prompt",
+    "max_tokens": "sampling.max_tokens",
+    "max_completion_tokens": "sampling.max_tokens",
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "seed": "sampling.seed",
+    "logprobs": "api.logprobs",
+    "response_format": "api.constraint",
+    "structured_outputs": "api.constraint",
+    # None: no job key; labelmill reads one whole plain-text answer per request
+    "stream": None,
+    "stream_options": None,
+    "n": None,
+    "best_of": None,
+    "use_beam_search": None,
+    "echo": None,
+    "tools": None,
+    "tool_choice": None,
+    "functions": None,
+    "function_call": None,
+}
+"""Request fields labelmill sets (or needs left alone), each with the job key that decides it.
+An ``extra_body`` may not touch them: merged in, they would silently replace the prompt, the
+constraint or the sampling that the job's fingerprint vouches for."""
+
+KNOWN_FIELDS = frozenset(
+    {
+        # OpenAI
+        "frequency_penalty", "presence_penalty", "logit_bias", "stop", "user", "top_logprobs",
+        "reasoning_effort", "verbosity", "service_tier", "metadata", "store", "parallel_tool_calls",
+        "prompt_cache_key", "safety_identifier",
+        # vLLM's server
+        "top_k", "min_p", "repetition_penalty", "length_penalty", "min_tokens", "stop_token_ids",
+        "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+        "truncate_prompt_tokens", "chat_template_kwargs", "priority", "cache_salt", "bad_words",
+        # OpenRouter
+        "provider", "transforms", "models", "route", "reasoning", "usage",
+    }
+)  # fmt: skip
+"""Chat completions request fields an ``extra_body`` may set without being listed in
+``api.extra_fields``."""
+
+
+def owned(field: str) -> bool:
+    """Whether labelmill decides this request field itself (in any letter case)."""
+    name = field.lower()
+    return name in OWNED_FIELDS or name.startswith("guided_")  # guided_*: vLLM's older constraints
+
+
+def owner_of(field: str) -> str | None:
+    """The job key that decides an owned request field; None when no job key does."""
+    name = field.lower()
+    return "api.constraint" if name.startswith("guided_") else OWNED_FIELDS.get(name)
 
 
 def request_body(
@@ -58,6 +116,9 @@ def request_body(
             "type": "json_schema",
             "json_schema": {"name": "answer", "strict": True, "schema": schema},
         }
+    clash = sorted(set(extra_body or {}) & set(body))
+    if clash:  # a validated job never gets here; a caller that skipped validation does
+        raise ValueError(f"extra_body may not set {clash}: labelmill sets them")
     body.update(extra_body or {})
     return body
 

@@ -8,19 +8,27 @@ exponential backoff and jitter, honouring ``Retry-After``. A row that still fail
 Authentication and "not found" answers (401, 403, 404) stop the run at once: every row would fail.
 
 The API key is read from the environment variable named by ``api.api_key_env`` when the backend
-starts, sent only in the Authorization header, and scrubbed from any error text.
+starts, sent only in the Authorization header, and scrubbed (in any letter case) from every text
+built from a server's answer. Credentials anywhere in the ``api:`` section are refused when the job
+is validated: the section is copied into the run folder's ``job.yaml`` and ``run.json``. That
+covers user info and credential-named query parameters in ``base_url``, and credential-named keys
+at any depth of ``extra_body``. ``extra_body`` may set the known request fields of OpenAI, vLLM's
+server and OpenRouter (``chat_api.KNOWN_FIELDS``), other fields only when ``api.extra_fields``
+names them, and never a field labelmill sets itself (``chat_api.OWNED_FIELDS``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline import logs
 from pipeline.backends import chat_api
@@ -32,6 +40,23 @@ log = logs.get("openai")
 
 FATAL_STATUS = {401: "authentication failed", 403: "access denied", 404: "not found"}
 RETRY_AFTER_CAP_S = 120.0
+
+# A key name made of one of these words looks like it holds a credential. "tokens" is not among
+# them: min_tokens and max_tokens count tokens, they don't hold one.
+_CREDENTIAL_WORDS = frozenset(
+    {"key", "keys", "apikey", "apikeys", "token", "secret", "secrets", "password", "passwords",
+     "passwd", "pwd", "credential", "credentials", "authorization", "auth", "bearer", "cookie",
+     "cookies", "header", "headers", "jwt", "oauth"}
+)  # fmt: skip
+# ...and so does one holding these anywhere (run-together spellings like "xapikey", "authtoken").
+_CREDENTIAL_STEMS = ("password", "passwd", "passphrase", "secret", "credential", "authoriz", "apikey",
+                     "accesskey", "privatekey", "accesstoken", "authtoken", "bearer", "cookie")  # fmt: skip
+# "token" followed by one of these counts or names tokens (stop_token_ids, thinking_token_budget).
+_TOKEN_COUNTS = frozenset({"id", "ids", "budget", "limit", "limits", "count", "counts"})
+_CREDENTIAL_FIX = (
+    "refused, as the job file is copied into the run folder: put the key in an environment variable "
+    "and name it in api.api_key_env"
+)
 
 
 class _Transient(Exception):
@@ -71,7 +96,8 @@ class ApiSettings(Options):
     """An OpenAI-compatible chat completions server: the job's ``api:`` section."""
 
     base_url: str
-    """Up to and including ``/v1``, e.g. ``http://127.0.0.1:8000/v1`` or ``https://openrouter.ai/api/v1``."""
+    """Up to and including ``/v1``, e.g. ``http://127.0.0.1:8000/v1`` or ``https://openrouter.ai/api/v1``.
+    No user name or password in it, and no credential in its query: the key goes in ``api_key_env``."""
     api_key_env: str | None = None
     """Name of the environment variable that holds the API key (never the key itself). None: no key."""
     max_concurrency: int = Field(default=16, ge=1, le=4096)
@@ -93,15 +119,110 @@ class ApiSettings(Options):
     """The served model's context length in tokens, if you want row text cut to fit it before it is
     sent (counted at 4 bytes a token); None: texts are sent whole and the server decides."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    """Provider-specific fields merged into every request body."""
+    """Provider-specific fields merged into every request body: the known request fields of OpenAI,
+    vLLM's server and OpenRouter (``top_k``, ``provider``, ...), and those named in ``extra_fields``.
+    Never a field labelmill sets (``model``, ``messages``, ``max_tokens``, ``temperature``, ...: each
+    has its own job key) and never a credential, at any depth."""
+    extra_fields: list[str] = Field(default_factory=list)
+    """``extra_body`` keys beyond the known request fields, sent anyway (for a server that takes
+    fields labelmill doesn't know). Not for fields labelmill sets, nor credentials."""
 
-    @field_validator("extra_body")
+    @field_validator("base_url")
     @classmethod
-    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key in value:
-            if any(word in key.lower() for word in ("key", "token", "secret", "authorization")):
-                raise ValueError(f"'{key}' looks like a credential; put it in an environment variable")
+    def _no_credentials_in_url(cls, value: str) -> str:
+        # The messages never quote the URL: whatever is wrong with it may be the secret.
+        try:
+            parts = urlsplit(value)
+            _ = parts.port  # raises on a port that isn't a number
+        except ValueError:
+            raise ValueError("is not a valid URL; write it like http://127.0.0.1:8000/v1") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "must start with http:// or https:// and name a host, e.g. http://127.0.0.1:8000/v1"
+            )
+        if "@" in parts.netloc:
+            raise ValueError(f"holds a user name or password (user:password@host); {_CREDENTIAL_FIX}")
+        names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
+        flagged = [n for n, name in enumerate(names, 1) if looks_like_credential(name)]
+        if flagged:
+            raise ValueError(f"query parameter #{flagged[0]} is named like a credential; {_CREDENTIAL_FIX}")
+        if parts.fragment:
+            raise ValueError("ends in a #fragment, which is never sent to the server; remove it")
         return value
+
+    @model_validator(mode="after")
+    def _extra_body_fields(self) -> ApiSettings:
+        problems = extra_body_problems(self.extra_body, self.extra_fields)
+        if len(problems) == 1:
+            raise ValueError(problems[0])
+        if problems:
+            raise ValueError("\n".join([f"{len(problems)} problems:", *(f"      * {p}" for p in problems)]))
+        return self
+
+
+def looks_like_credential(name: str) -> bool:
+    """Whether a key name reads like one that holds a secret (``api_key``, ``X-Auth-Token``,
+    ``clientSecret``, ``password``), in any case and spelling (``_``, ``-``, ``.``, camelCase)."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
+    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", spaced)
+    words = [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
+    for i, word in enumerate(words):
+        if word == "token" and i + 1 < len(words) and words[i + 1] in _TOKEN_COUNTS:
+            continue
+        if word in _CREDENTIAL_WORDS:
+            return True
+    flat = name.lower()
+    return any(stem in flat for stem in _CREDENTIAL_STEMS)
+
+
+def extra_body_problems(extra_body: dict[str, Any], extra_fields: list[str]) -> list[str]:
+    """What is wrong with an ``extra_body`` and its ``extra_fields``, each naming the key's path
+    and never its value; empty when nothing is."""
+    problems: list[str] = []
+    credentials: list[str] = []
+    for key, value in extra_body.items():
+        path = f"extra_body.{key}"
+        known = key in chat_api.KNOWN_FIELDS
+        if chat_api.owned(key):
+            problems.append(_owned(path, key))
+        elif not known and looks_like_credential(key):
+            credentials.append(path)
+        elif not known and key not in extra_fields:
+            problems.append(
+                f"{path} is not a known chat completions request field; if your server takes it, "
+                f"name it in api.extra_fields"
+            )
+        credentials += _credential_paths(value, path)
+    for name in dict.fromkeys(extra_fields):
+        if chat_api.owned(name):
+            problems.append(f"api.extra_fields lists '{name}': " + _owned("it", name))
+        elif looks_like_credential(name):
+            credentials.append(f"api.extra_fields entry '{name}'")
+        elif name not in extra_body:
+            problems.append(f"api.extra_fields lists '{name}', which is not a key of extra_body")
+    if credentials:
+        looks = "looks like a credential" if len(credentials) == 1 else "look like credentials"
+        problems.insert(0, f"{', '.join(credentials)} {looks}; {_CREDENTIAL_FIX}")
+    return problems
+
+
+def _owned(path: str, key: str) -> str:
+    owner = chat_api.owner_of(key)
+    if owner is None:
+        return f"{path} can't be set: labelmill reads one whole plain-text answer per request"
+    return f"{path} is set by labelmill from the job key '{owner}'; change it there"
+
+
+def _credential_paths(value: Any, path: str) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{path}.{key}"
+            if looks_like_credential(str(key)):
+                yield here
+            yield from _credential_paths(item, here)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _credential_paths(item, f"{path}[{i}]")
 
 
 class OpenAIBackend(ByteTokens, Backend):
@@ -115,17 +236,21 @@ class OpenAIBackend(ByteTokens, Backend):
 
     @classmethod
     def identity(cls, settings: ApiSettings) -> dict[str, Any]:
-        # How the answer is constrained and read, and the provider fields, decide what comes back.
+        # Everything that can change an answer: which server (and so which weights), how the answer
+        # is constrained and read, the provider fields, and where row text is cut. How fast and how
+        # often it is asked (and with which key) can't.
         return {
+            "base_url": _public_url(settings.base_url),
             "constraint": settings.constraint,
             "logprobs": settings.logprobs,
             "extra_body": settings.extra_body,
+            "max_model_len": settings.max_model_len,
         }
 
     @classmethod
     def describe_settings(cls, settings: ApiSettings) -> dict[str, Any]:
         data = settings.model_dump(mode="json")
-        data["base_url"] = _without_userinfo(settings.base_url)  # no password in run.json
+        data["base_url"] = _public_url(settings.base_url)
         return data
 
     @property
@@ -238,37 +363,49 @@ class OpenAIBackend(ByteTokens, Backend):
         except httpx.TimeoutException:
             raise _Transient(f"no answer within timeout_s={self.api.timeout_s}") from None
         except httpx.TransportError as exc:
-            raise _Transient(f"connection failed: {type(exc).__name__}: {exc}") from None
+            raise _Transient(f"connection failed: {type(exc).__name__}: {self._scrub(str(exc))}") from None
+        # Scrubbed before it is cut: a key cut in half would no longer match.
+        text = self._scrub(resp.text)
         if resp.status_code in FATAL_STATUS:
             raise BackendError(
-                f"{self.api.base_url}: HTTP {resp.status_code} {FATAL_STATUS[resp.status_code]}: "
-                f"{self._scrub(resp.text[:300])}",
+                f"{_display_url(self.api.base_url)}: HTTP {resp.status_code} "
+                f"{FATAL_STATUS[resp.status_code]}: {text[:300]}",
                 hint="check api_key_env, base_url and model in the job file",
             )
         if resp.status_code == 429 or resp.status_code >= 500:
-            raise _Transient(f"HTTP {resp.status_code}: {self._scrub(resp.text[:200])}", _retry_after(resp))
+            raise _Transient(f"HTTP {resp.status_code}: {text[:200]}", _retry_after(resp))
         if resp.status_code >= 400:
-            raise _RowFailure(f"HTTP {resp.status_code}: {resp.text[:300]}")
+            raise _RowFailure(f"HTTP {resp.status_code}: {text[:300]}")
         try:
             data = resp.json()
         except ValueError:
-            raise _Transient(f"malformed response body: {resp.text[:200]!r}") from None
+            raise _Transient(f"malformed response body: {text[:200]!r}") from None
         completion = self.read_response(data, request)
         if completion is None:
-            raise _Transient(f"malformed response body: {resp.text[:200]!r}")
-        return replace(completion, retries=retries)
+            raise _Transient(f"malformed response body: {text[:200]!r}")
+        # The answer is kept in the output (an invalid one with its raw text): a server that echoes
+        # the key must not write it there.
+        return replace(completion, text=self._scrub(completion.text), retries=retries)
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        if not self._key:
+            return text
+        return re.sub(re.escape(self._key), "***", text, flags=re.IGNORECASE)
 
 
-def _without_userinfo(url: str) -> str:
+def _public_url(url: str) -> str:
+    """The URL without user info or fragment: what run.json and the fingerprint record."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
     host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
     netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=netloc, path=parts.path.rstrip("/"), fragment=""))
+
+
+def _display_url(url: str) -> str:
+    """The URL as messages print it: scheme, host, port and path; a query may hold more than
+    its name suggests."""
+    return urlunsplit(urlsplit(_public_url(url))._replace(query=""))
 
 
 def _failed(reason: str, retries: int) -> Completion:
