@@ -273,7 +273,7 @@ class ResultCache:
         first, self._unmapped = self._unmapped, None
         if first is None:
             return  # nothing of this file is held in memory
-        mapped = read_file(path).batches
+        mapped = read_file(path, check=False).batches  # checked when written, a moment ago
         held = self._segments[first:]
         if [t.num_rows for t, _ in mapped] != [t.num_rows for t in held]:
             return  # keep the in-memory copies; the file is read whole next time
@@ -345,9 +345,11 @@ class FileContents:
         return found
 
 
-def read_file(path: Path) -> FileContents:
+def read_file(path: Path, check: bool = True) -> FileContents:
     """A file's batches that pass their checks, read in place (no copy), each as a table with the
-    mapping. Never raises for what the file holds: damage is reported in the result, not read."""
+    mapping. Never raises for what the file holds: damage is reported in the result, not read.
+    ``check`` off: batches are only counted, not checksummed (``cache info``: reading every byte of
+    a large cache to count it would cost time and memory for nothing)."""
     contents = FileContents(path)
     contents.writing = locks.held_by_other(path)
     try:
@@ -374,9 +376,16 @@ def read_file(path: Path) -> FileContents:
             contents.unreadable = f"unreadable from batch {number + 1} on ({_short(exc)})"
             break
         number += 1
+        if not check:
+            contents.batches.append((pa.Table.from_batches([batch], schema=ENTRY_SCHEMA), mapping))
+            continue
         stored = (meta or {}).get(_CRC.encode()) if meta is not None else None
         if stored is not None:
-            if stored.decode(errors="replace") != _checksum(batch):
+            good = stored.decode(errors="replace") == _checksum(batch)
+            # checking read every page of the batch: hand them back, or a large cache would be
+            # counted whole in this process's memory while it opens (see ResultCache._release)
+            mapping.madvise(mmap.MADV_DONTNEED)
+            if not good:
                 contents.damaged.append((number, "checksum mismatch"))
                 continue
         elif sealed:
@@ -428,7 +437,7 @@ def describe_stores(root: str | Path) -> list[dict]:
         found.append(
             {
                 "namespace": folder.name,
-                "entries": sum(read_file(f).entries for f in files),
+                "entries": sum(read_file(f, check=False).entries for f in files),
                 "bytes": sum(f.stat().st_size for f in files),
                 "files": len(files),
                 "last_written": max((f.stat().st_mtime for f in files), default=None),
