@@ -89,13 +89,18 @@ def flip(path: Path, position: int, bit: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def cache_trials(work: Path, trials: int, rng: random.Random):
-    base = work / "cache-job"
-    job = write_job(base, rows=600, cache=True)
+def finished_job(work: Path, name: str, cache: bool, kept: str) -> tuple[Path, Path, list[dict], Path]:
+    """A job run to the end: its folder, job file, output, and an undamaged copy of ``kept``."""
+    base = work / name
+    job = write_job(base, rows=600, cache=cache)
     run_job(load_job(job))
-    reference = output(base / "run")
-    pristine = work / "cache-pristine"
-    shutil.copytree(base / "cache", pristine)
+    pristine = work / f"{name}-pristine"
+    shutil.copytree(base / kept, pristine)
+    return base, job, output(base / "run"), pristine
+
+
+def cache_trials(work: Path, trials: int, rng: random.Random):
+    base, job, reference, pristine = finished_job(work, "cache-job", True, "cache")
     files = sorted(pristine.rglob("seg-*.arrows"))
     assert files, "the job wrote no cache file"
     size = files[0].stat().st_size
@@ -209,12 +214,7 @@ def part_damages(rng: random.Random, flips: int):
 
 
 def parts_trials(work: Path, flips: int, rng: random.Random):
-    base = work / "parts-job"
-    job = write_job(base, rows=600, cache=False)
-    run_job(load_job(job))
-    reference = output(base / "run")
-    pristine = work / "parts-pristine"
-    shutil.copytree(base / "run", pristine)
+    base, job, reference, pristine = finished_job(work, "parts-job", False, "run")
     n = 0
     for description, damage, error_expected in part_damages(rng, flips):
         shutil.rmtree(base / "run")

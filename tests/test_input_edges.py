@@ -250,6 +250,24 @@ def _titles(n: int) -> pa.Table:
     )
 
 
+def _damaged_file(
+    path, rows: int, compression: str, *, row_group: int, column: int, where="values", checksums=True
+):
+    """A file of ``rows`` titles, ten to a row group, with a byte flipped in ``column`` of
+    ``row_group``: among its values, or in its page header."""
+    pq.write_table(
+        _titles(rows),
+        path,
+        row_group_size=10,
+        compression=compression,
+        use_dictionary=False,
+        write_statistics=False,  # keeps page headers short: the flip lands among values
+        write_page_checksum=checksums,
+    )
+    _damage(path, row_group=row_group, column=column, where=where)
+    return path
+
+
 # A flipped byte among the values of an uncompressed page, or inside a zstd frame where it only
 # changes a literal, still decodes: Parquet can't see it unless the writer stored page checksums.
 # So the "values" cases write checksums (write_page_checksum=True; Spark writes them by default), and
@@ -260,17 +278,9 @@ def _titles(n: int) -> pa.Table:
     [("none", "values", True), ("zstd", "values", True), ("zstd", "header", False)],
 )
 def test_damaged_page_exits_2_naming_file_and_rows(make_job, tmp_path, compression, where, checksums) -> None:
-    path = tmp_path / "damaged.parquet"
-    pq.write_table(
-        _titles(40),
-        path,
-        row_group_size=10,
-        compression=compression,
-        use_dictionary=False,
-        write_statistics=False,  # keeps page headers short: the flip lands among values
-        write_page_checksum=checksums,
+    path = _damaged_file(
+        tmp_path / "damaged.parquet", 40, compression, row_group=2, column=1, where=where, checksums=checksums
     )
-    _damage(path, row_group=2, column=1, where=where)
     job_files = make_job(input=path, chunk_rows=10)
     result = CliRunner().invoke(main, ["run", "--quiet", str(job_files.path)])
     assert result.exit_code == 2, result.output
@@ -285,34 +295,14 @@ def test_damaged_page_exits_2_naming_file_and_rows(make_job, tmp_path, compressi
 
 
 def test_damaged_id_page_is_named_while_checking_ids(make_job, tmp_path) -> None:
-    path = tmp_path / "damaged.parquet"
-    pq.write_table(
-        _titles(30),
-        path,
-        row_group_size=10,
-        compression="none",
-        use_dictionary=False,
-        write_statistics=False,  # keeps page headers short: the flip lands among values
-        write_page_checksum=True,
-    )
-    _damage(path, row_group=1, column=0, where="values")
+    path = _damaged_file(tmp_path / "damaged.parquet", 30, "none", row_group=1, column=0)
     job_files = make_job(input=path)
     with pytest.raises(InputFormatError, match=r"damaged\.parquet is damaged: row group 1 \(rows 10-19\)"):
         plan_job(job_files.load())
 
 
 def test_damaged_page_in_a_real_process_prints_no_traceback(make_job, tmp_path) -> None:
-    path = tmp_path / "damaged.parquet"
-    pq.write_table(
-        _titles(20),
-        path,
-        row_group_size=10,
-        compression="zstd",
-        use_dictionary=False,
-        write_statistics=False,  # keeps page headers short: the flip lands among values
-        write_page_checksum=True,
-    )
-    _damage(path, row_group=1, column=1, where="values")
+    path = _damaged_file(tmp_path / "damaged.parquet", 20, "zstd", row_group=1, column=1)
     job_files = make_job(input=path, chunk_rows=10)
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "run", "--quiet", str(job_files.path)],
