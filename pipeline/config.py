@@ -18,9 +18,13 @@ working directory, the way a shell user reads them.
 
 from __future__ import annotations
 
+import os
+import string
+from collections.abc import Sequence
+from datetime import date as _date
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -55,7 +59,14 @@ class JobConfig(Options):
     input: str
     """A Parquet file, a folder of Parquet files, or a glob (``data/*.parquet``)."""
     output: str
-    """The run folder: parts, markers, manifest and summary are written there."""
+    """The run folder: parts, markers, manifest and summary are written there. ``{date}`` stands
+    for the run's date (YYYY-MM-DD, local time, or ``--date``) and ``{job}`` for the job file's
+    name, so a nightly job gets a folder per night: ``out/keywords/{date}``."""
+    on_input_change: Literal["refuse", "restart"] = "refuse"
+    """A fixed ``output:`` folder whose run was started on other input files (the export grew):
+    ``refuse`` (exit 3, naming the change) or ``restart`` (label it again from the start there;
+    the result cache answers every text it has seen, so only new texts reach the model). Any other
+    change of the job is refused either way."""
     id_column: str | None = None
     """Input column with a unique id per row. Without it, ids are ``<file name>:<row number>``."""
     text_column: str | None = None
@@ -177,8 +188,17 @@ class JobConfig(Options):
         return JobConfig.model_validate({**self.to_dict(), **changes})
 
 
-def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """Read and validate a job file; ``overrides`` replace top-level keys (from the CLI)."""
+def load_job(
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    sets: Sequence[str] = (),
+    date: str | None = None,
+) -> JobConfig:
+    """Read and validate a job file. ``overrides`` replace top-level keys; ``sets`` are
+    ``key=value`` strings (``--set``): a dotted key reaches into a section (``api.timeout_s=30``)
+    and the value is read as YAML (``false``, ``8``, ``[a, b]``). ``date`` fills ``{date}`` in
+    ``output:`` (default: today)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
@@ -191,11 +211,59 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
     if not isinstance(raw, dict):
         raise JobFileError(f"{path} must hold a mapping of keys (input:, output:, ...)")
     raw.update(overrides or {})
-    return parse_job(raw, str(path))
+    for item in sets:
+        apply_set(raw, item)
+    return parse_job(raw, str(path), date=date, job_name=path.stem)
 
 
-def parse_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
-    """Validate a job given as a mapping (the flat file form); ``source`` names it in errors."""
+def apply_set(raw: dict[str, Any], item: str) -> None:
+    """One ``--set key=value``, applied to the flat job mapping in place."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise JobFileError(f"--set {item!r}: write it as key=value, e.g. --set chunk_rows=1000")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not YAML: taken as the string it is
+    *parents, last = key.strip().split(".")
+    target = raw
+    for name in parents:
+        inner = target.setdefault(name, {})
+        if not isinstance(inner, dict):
+            raise JobFileError(f"--set {key}: '{name}' is not a section of keys")
+        target = inner
+    target[last] = value
+
+
+OUTPUT_FIELDS = ("date", "job")
+
+
+def expand_output(output: str, date: str | None = None, job_name: str = "job") -> str:
+    """``output:`` with ``{date}`` and ``{job}`` filled in and ``~`` expanded."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(output) if name is not None}
+    except ValueError as exc:
+        raise JobFileError(f"output: {exc} (write {{{{ and }}}} for literal braces)") from None
+    unknown = sorted(names - set(OUTPUT_FIELDS))
+    if unknown:
+        raise JobFileError(f"output: unknown placeholder(s) {unknown}; output may use {{date}} and {{job}}")
+    if date is not None:
+        try:
+            _date.fromisoformat(date)
+        except ValueError:
+            raise JobFileError(f"--date {date!r}: write it as YYYY-MM-DD") from None
+    filled = output.format(date=date or _date.today().isoformat(), job=job_name) if names else output
+    return os.path.expanduser(filled)
+
+
+def parse_job(
+    raw: dict[str, Any], source: str = "job", *, date: str | None = None, job_name: str | None = None
+) -> JobConfig:
+    """Validate a job given as a mapping (the flat file form); ``source`` names it in errors.
+    ``{date}`` and ``{job}`` in ``output:`` are filled in (see :func:`expand_output`)."""
+    if isinstance(raw.get("output"), str):
+        name = job_name or (Path(source).stem if source != "job" else "job")
+        raw = {**raw, "output": expand_output(raw["output"], date, name)}
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,13 +72,28 @@ class AnswerStore(Protocol):
 
 
 class BackendSource:
-    """The live backend: asked once per chunk, every question in one call."""
+    """The live backend: asked once per chunk, every question in one call. ``progress`` (if given)
+    is told the share of the call's questions answered so far, as the backend reports answers."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, progress: Callable[[float], None] | None = None) -> None:
         self.backend = backend
+        self.progress = progress
 
     def answer(self, questions: Questions) -> pa.Table:
-        return self.backend.answer(questions.prompt, questions.texts, questions.request)
+        if self.progress is None or not len(questions):
+            return self.backend.answer(questions.prompt, questions.texts, questions.request)
+        done, total, report = 0, len(questions), self.progress
+
+        def answered(count: int) -> None:
+            nonlocal done
+            done = min(total, done + count)
+            report(done / total)
+
+        self.backend.on_answers = answered
+        try:
+            return self.backend.answer(questions.prompt, questions.texts, questions.request)
+        finally:
+            self.backend.on_answers = None
 
 
 @dataclass

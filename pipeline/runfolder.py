@@ -192,18 +192,37 @@ class RunFolder:
             return None
         return _read(Manifest, self.manifest_path)
 
-    def prepare(self, manifest: Manifest, job_yaml: str, restart: bool) -> None:
-        """Start a new run, or check that the one on disk is the same job. Call under ``lock``."""
+    def prepare(
+        self, manifest: Manifest, job_yaml: str, restart: bool, restart_on: frozenset[str] = frozenset()
+    ) -> None:
+        """Start a new run, or check that the one on disk is the same job. Call under ``lock``.
+        ``restart_on``: fingerprint components whose change (alone) starts the run over instead of
+        being refused (``on_input_change: restart`` gives ``{"input"}``)."""
         try:
-            self._prepare(manifest, job_yaml, restart)
+            self._prepare(manifest, job_yaml, restart, restart_on)
         except OSError as exc:
             raise OutputError(
                 f"cannot prepare run folder {self.root}: {exc}",
                 hint="check free disk space and permissions there",
             ) from None
 
-    def _prepare(self, manifest: Manifest, job_yaml: str, restart: bool) -> None:
+    def _prepare(self, manifest: Manifest, job_yaml: str, restart: bool, restart_on: frozenset[str]) -> None:
         self.width = part_width(manifest.chunks)
+        if not restart and restart_on:
+            try:
+                old = self.manifest()
+            except RunStateError:
+                old = None
+            if old is not None and old.fingerprint != manifest.fingerprint:
+                changed = _changed(old.components, manifest.components)
+                if changed and set(changed) <= restart_on:
+                    log.warning(
+                        "%s: %s changed since this run folder was started: labelling it again from "
+                        "the start (the result cache answers the texts it has seen)",
+                        self.root, ", ".join(changed),
+                        extra=logs.fields("restart_on_change", changed=changed),
+                    )  # fmt: skip
+                    restart = True
         if restart:
             for path in (self.parts, self.markers, self.answers):
                 shutil.rmtree(path, ignore_errors=True)
@@ -237,13 +256,21 @@ class RunFolder:
                 )
         elif old.fingerprint != manifest.fingerprint:
             if any(self.part_path(i).exists() for i in markers):
-                before, now = old.components, manifest.components
-                changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+                changed = _changed(old.components, manifest.components)
+                hint = (
+                    "to keep the finished parts, give the job a new output: folder; to discard "
+                    f"them and start over here, rerun with --restart ({len(markers)} "
+                    "finished chunk(s) would be deleted)"
+                )
+                if changed == ["input"]:
+                    hint = (
+                        "the input files changed (a new export?): for a run folder per night give "
+                        "output: a {date} (out/keywords/{date}); to label this folder again each "
+                        "time its input changes, set on_input_change: restart; --restart does it once"
+                    )
                 raise JobChangedError(
                     f"the job changed since {self.root} was started: {', '.join(changed)} differ",
-                    hint="to keep the finished parts, give the job a new output: folder; to discard "
-                    f"them and start over here, rerun with --restart ({len(markers)} "
-                    "finished chunk(s) would be deleted)",
+                    hint=hint,
                 )
             old = None  # nothing was finished under the old job (it failed at start): nothing to protect
         self.parts.mkdir(parents=True, exist_ok=True)
@@ -403,6 +430,10 @@ class RunFolder:
             "backend": manifest.provenance.get("backend"),
             "fingerprint": manifest.fingerprint,
         }
+
+
+def _changed(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
 def part_width(chunks: int) -> int:

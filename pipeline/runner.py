@@ -15,9 +15,10 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -127,14 +128,16 @@ def run_job(
     backend: Backend | None = None,
     store: AnswerStore | None = None,
     restart: bool = False,
-    progress: bool = False,
+    progress: bool | Any = False,
 ) -> dict:
     """Run (or resume) a job to the end; returns the summary, also written to summary.json.
 
     ``backend``: a backend built for this job (``pipeline.plan.make_backend``), e.g. an engine
     shared by several jobs; by default one is made, started on the first uncached text, and
     closed at the end. ``store``: the answer store (``pipeline.cache.ResultCache``); by default the
-    job's ``cache:`` setting decides. ``progress``: a progress bar on stderr.
+    job's ``cache:`` setting decides. ``progress``: True for a progress bar on stderr, or a bar
+    of your own to draw on (anything with tqdm's ``update``, ``set_postfix`` and ``close``, e.g.
+    ``tqdm.notebook.tqdm(total=...)``).
     """
     return run_plan(plan_job(job), backend=backend, store=store, restart=restart, progress=progress)
 
@@ -146,7 +149,7 @@ def run_plan(
     store: AnswerStore | None = None,
     source: AnswerSource | None = None,
     restart: bool = False,
-    progress: bool = False,
+    progress: bool | Any = False,
 ) -> dict:
     """``run_job`` for a plan; ``source`` replaces the backend as the answer source (``import``
     answers from batch result files), the backend then only counts tokens."""
@@ -160,7 +163,8 @@ def run_plan(
             folder.root, plan.rows, len(plan.chunks), job.task, job.backend, job.model,
             extra=logs.fields("start", rows=plan.rows, chunks=len(plan.chunks), run_folder=str(folder.root)),
         )  # fmt: skip
-        folder.prepare(plan.manifest, job_yaml, restart)
+        restart_on = frozenset({"input"}) if job.on_input_change == "restart" else frozenset()
+        folder.prepare(plan.manifest, job_yaml, restart, restart_on)
         work, finished = pending_work(plan, folder, clean=True)
         repair = [w for w in work if w.earlier is not None]
         done_rows = sum(m.rows for m in finished.values())
@@ -201,13 +205,13 @@ def run_plan(
                         "rewrites the files without the damage)", problem,
                         extra=logs.fields("cache_damaged", problem=problem),
                     )  # fmt: skip
-                bar = stack.enter_context(_Progress(plan.rows, done_rows, progress))
-                pipeline = ChunkPipeline(
-                    plan, backend, text_budget(plan, backend), store, source or BackendSource(backend)
-                )
+                given = None if isinstance(progress, bool) else progress
+                bar = stack.enter_context(_Progress(plan.rows, done_rows, bool(progress), backend, given))
+                answers = source or BackendSource(backend, bar.within if bar.enabled else None)
+                pipeline = ChunkPipeline(plan, backend, text_budget(plan, backend), store, answers)
                 totals = status_totals(finished.values())
                 store_id = getattr(store, "store_id", None)
-                for item, out, stats, seconds in labelled_chunks(pipeline, folder, work):
+                for item, out, stats, seconds in labelled_chunks(pipeline, folder, work, bar.begin):
                     rows_now += _commit(plan, folder, item, out, stats, seconds, totals, store_id)
                     labelling += seconds
                     bar.update(item.chunk.rows if item.earlier is None else 0, totals)
@@ -234,12 +238,18 @@ def run_plan(
 
 
 def labelled_chunks(
-    pipeline: ChunkPipeline, folder: RunFolder, work: list[WorkItem]
+    pipeline: ChunkPipeline,
+    folder: RunFolder,
+    work: list[WorkItem],
+    starting: Callable[[WorkItem], None] | None = None,
 ) -> Iterator[tuple[WorkItem, pa.Table | None, ChunkStats, float]]:
     """Each chunk of ``work`` through the pipeline, in order: the item, its output table (None when
-    the answer source answers later), where its answers came from, and its labelling seconds."""
+    the answer source answers later), where its answers came from, and its labelling seconds.
+    ``starting`` is told of each item as its work begins."""
     plan, backend = pipeline.plan, pipeline.backend
     for item in work:
+        if starting is not None:
+            starting(item)
         t0, started_before = time.perf_counter(), backend.start_seconds
         table = read_chunk(plan.files[item.chunk.file_index], item.chunk, plan.read_columns)
         out, stats = pipeline.label(table, item.chunk, previous_output(folder, item))
@@ -307,11 +317,18 @@ def _log_summary(s: dict) -> None:
 
 
 class _Progress:
-    """Rows/s and ETA on stderr (tqdm), for a person at a terminal; silent when not ``enabled``."""
+    """Rows/s and ETA on stderr (tqdm), for a person at a terminal; silent when not ``enabled``.
 
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self._bar = None
-        if enabled:
+    The bar moves within a chunk as the backend reports answers (a chunk's share of its rows per
+    share of its questions answered), and its rate leaves out the time the model took to load, so
+    the first figure a person sees is the labelling rate, not the start-up."""
+
+    def __init__(
+        self, total: int, initial: int, enabled: bool, backend: Backend | None = None, bar=None
+    ) -> None:
+        """``bar``: a tqdm-like object to draw on instead of a new tqdm bar on stderr."""
+        self._bar = bar
+        if enabled and bar is None:
             from tqdm import tqdm
 
             self._bar = tqdm(
@@ -322,11 +339,47 @@ class _Progress:
                 dynamic_ncols=True,
                 file=sys.stderr,
             )
+        self._backend = backend
+        self._start_seen = backend.start_seconds if backend is not None else 0.0
+        self._chunk_rows = 0
+        self._moved = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self._bar is not None
+
+    def begin(self, item: WorkItem) -> None:
+        """A chunk's work begins: the bar may move through its rows (none for a retried chunk:
+        its rows were counted when it was first finished)."""
+        self._chunk_rows = item.chunk.rows if item.earlier is None else 0
+        self._moved = 0
+
+    def within(self, share: float) -> None:
+        """``share`` of the current chunk's questions are answered."""
+        if self._bar is None:
+            return
+        self._leave_out_start()
+        target = int(self._chunk_rows * min(share, 1.0))
+        if target > self._moved:
+            self._bar.update(target - self._moved)
+            self._moved = target
 
     def update(self, rows: int, counts: dict[str, int]) -> None:
+        """The chunk is done: the bar shows all of its ``rows``."""
         if self._bar is not None:
+            self._leave_out_start()
             self._bar.set_postfix({k: v for k, v in counts.items() if v}, refresh=False)
-            self._bar.update(rows)
+            self._bar.update(max(rows - self._moved, 0))
+        self._moved = self._chunk_rows = 0
+
+    def _leave_out_start(self) -> None:
+        if self._backend is None:
+            return
+        loaded = self._backend.start_seconds - self._start_seen
+        if loaded > 0:  # the model loaded since the last update: that time is not labelling
+            self._start_seen = self._backend.start_seconds
+            self._bar.start_t += loaded
+            self._bar.last_print_t += loaded
 
     def __enter__(self) -> _Progress:
         return self

@@ -241,3 +241,26 @@ def test_models_fetch_without_the_convert_packages_exits_7(
     assert result.exit_code == 7, result.output
     assert "gguf" in result.output and "labelmill[convert]" in result.output
     assert not (labelmill_home / "models").exists()  # stopped before downloading anything
+
+
+def test_status_of_a_finished_run_with_error_rows_says_so(cli: CliRunner, make_job) -> None:
+    from doubles import RecordingFake
+
+    from pipeline.contracts import Completion
+    from pipeline.runner import run_job
+
+    job_files = make_job(default_table(25), chunk_rows=10)
+    job = job_files.load()
+
+    def fail_some(conversation, answer, request):  # the provider failed these rows for good
+        return (
+            Completion.failed("HTTP 503 after 5 retries")
+            if conversation[-1]["content"].endswith("7 with a title")
+            else answer
+        )
+
+    run_job(job, backend=RecordingFake(job, reply=fail_some))
+    status = json.loads(cli.invoke(main, ["status", "--json", str(job_files.output)]).stdout)
+    assert status["state"] == "finished_with_errors" and status["status_counts"]["error"] == 2
+    text = cli.invoke(main, ["status", str(job_files.output)]).stdout
+    assert "finished with 2 error row(s): rerun the job to retry them" in text

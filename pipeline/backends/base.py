@@ -9,6 +9,7 @@ each call as a :class:`~pipeline.contracts.Request` (constraint, answer budget, 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
@@ -47,6 +48,14 @@ class Backend(ABC):
         self.model = model
         self.start_seconds = 0.0
         """Time spent loading the model, so throughput figures can leave it out."""
+        self.on_answers: Callable[[int], None] | None = None
+        """Set by whoever shows progress: called with a count as answers come in during a call."""
+
+    def answered(self, count: int) -> None:
+        """Say that ``count`` more answers of the current call are in (for progress within a
+        chunk: a chunk of 50,000 rows is one call, minutes long on a slow model)."""
+        if self.on_answers is not None and count:
+            self.on_answers(count)
 
     @classmethod
     def identity(cls, settings: Options) -> dict[str, Any] | None:

@@ -69,7 +69,13 @@ class FakeBackend(ByteTokens, Backend):
     def _answers(self, users: pl.Series, other_tokens: np.ndarray, constraint: Constraint) -> pa.Table:
         """Whole columns at once: the fake's cost must not hide the pipeline's in a benchmark."""
         if self.settings.seconds_per_row:
-            time.sleep(self.settings.seconds_per_row * len(users))
+            # paced like a model: answers come in over the call, in a few steps
+            steps = np.array_split(np.arange(len(users)), min(len(users), 20))
+            for step in steps:
+                time.sleep(self.settings.seconds_per_row * len(step))
+                self.answered(len(step))
+        else:
+            self.answered(len(users))
         digest = users.hash(seed=_SEED).to_numpy()
         confidence = ((digest >> np.uint64(32)) % np.uint64(1000) + np.uint64(1)).astype(np.float64) / 1000
         if constraint.choice is not None:

@@ -52,6 +52,24 @@ def domain_errors(fn):
     return wrapper
 
 
+def job_options(fn):
+    """``--set KEY=VALUE`` and ``--date``: what a scheduler's one command changes night by night."""
+    fn = click.option(
+        "--date",
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="The date {date} in the job's output: stands for (default: today, local time).",
+    )(fn)
+    return click.option(
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a job key for this command; a dotted key reaches into a section "
+        "(--set api.timeout_s=30); the value is read as YAML. Repeatable.",
+    )(fn)
+
+
 def echo(message: str) -> None:
     """A line for the person at the terminal (stderr), outside the log; none with JSON logs."""
     if not json_logs():

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from pipeline.cli.app import EXIT_ROW_ERRORS, domain_errors, echo, json_logs, main
+from pipeline.cli.app import EXIT_ROW_ERRORS, domain_errors, echo, job_options, json_logs, main
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -24,15 +24,18 @@ def _raise_interrupt(signum, frame) -> None:
     is_flag=True,
     help="Neither read nor write the shared result cache; the run still asks each distinct text once.",
 )
+@job_options
 @domain_errors
-def run(job_file: str, restart: bool, quiet: bool, no_cache: bool) -> None:
+def run(
+    job_file: str, restart: bool, quiet: bool, no_cache: bool, sets: tuple[str, ...], date: str | None
+) -> None:
     """Run a job; rerunning the same command resumes where it stopped."""
     from pipeline.config import load_job
     from pipeline.runner import run_job
 
     # A scheduler's SIGTERM unwinds like Ctrl-C, so the engine is shut down and the lock released.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    job = load_job(job_file)
+    job = load_job(job_file, sets=sets, date=date)
     if no_cache:
         job = job.model_copy(update={"cache": job.cache.model_copy(update={"enabled": False})})
     progress = not quiet and not json_logs() and sys.stderr.isatty()
@@ -100,11 +103,22 @@ def status(run_folder: str, as_json: bool) -> None:
     if manifest is None:
         raise RunStateError(f"{run_folder} is not a labelmill run folder (no run.json)")
     summary = folder.summarise(manifest)
-    summary["state"] = "running" if folder.is_locked() else ("finished" if summary["complete"] else "stopped")
+    errors = summary["status_counts"].get("error", 0)
+    if folder.is_locked():
+        state = "running"
+    elif not summary["complete"]:
+        state = "stopped"
+    else:
+        state = "finished_with_errors" if errors else "finished"
+    summary["state"] = state
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{run_folder}: {summary['state']}")
+    said = {
+        "finished_with_errors": f"finished with {errors} error row(s): rerun the job to retry them",
+        "stopped": "stopped: rerun the job to resume",
+    }.get(state, state)
+    click.echo(f"{run_folder}: {said}")
     print_summary(summary, to_err=False)
 
 
