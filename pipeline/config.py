@@ -80,7 +80,8 @@ class JobConfig(Options):
     """What to do with each row: a registered task (``classify``: pick labels; ``extract``: fill
     attributes; others from installed plugins). Its own keys sit beside these ones."""
     prompt: str
-    """Path to a prompt template (YAML) under ``prompts/``, written for the job's task."""
+    """A prompt template: a path to a YAML file, or a built-in template's name
+    (``classify_product.en``), written for the job's task."""
     prompt_vars: dict[str, str] = Field(default_factory=dict)
     """Extra values for the template's own variables (e.g. ``shop: "a Polish pharmacy"``)."""
     model: str

@@ -1,6 +1,6 @@
 """Cost accounting for benchmarks: the price table, dollars for measured usage, and projections.
 
-``prices.yaml`` (repository root) lists API prices per million tokens and GPU prices per hour. It is
+``prices.yaml`` (shipped with labelmill) lists API prices per million tokens and GPU prices per hour. It is
 data the user edits, so it is loaded as strictly as a job file: an unknown key, a negative price, a
 repeated id or a missing field is refused with the file and the entry's id named, never guessed.
 
@@ -12,8 +12,16 @@ trusting a projection:
 - API cost is list price times measured tokens. Cache writes, cache storage, long-context surcharges,
   retries and taxes are not counted.
 - Self-hosted cost is measured wall time times the GPU's price per hour (times the number of GPUs),
-  as the user states it in ``prices.yaml``. Idle time, start-up, storage and egress count only as far
-  as they are inside the measured wall time.
+  or times a CPU instance's price per hour for a run measured on a CPU, as the user states it in
+  ``prices.yaml``. Idle time, start-up, storage and egress count only as far as they are inside the
+  measured wall time.
+- Only rows that reach the model cost anything. A sample measures how many of its rows did (the
+  rest repeated a text already asked, came from the cache, or had no text), and a projection prices
+  that share of its rows, unless it is asked to price every row with text.
+- Output tokens are what the backend reported. For a reasoning model they include the hidden
+  reasoning tokens (billed as output), so they must be measured, never assumed to be a label's worth.
+
+``prices.yaml`` also lists CPU machines' prices per hour, for runs measured on a CPU.
 
 Prices go stale. Every price carries its ``as_of`` date and whether it was read on the provider's
 own page (:attr:`ApiPrice.verified`), and a :class:`Projection` passes both on so that a report
@@ -30,6 +38,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline import resources
 from pipeline.errors import ConfigError, yaml_position
 
 UNVERIFIED_NOTE = "unverified; check source"
@@ -66,15 +75,16 @@ class ApiPrice(_Strict):
     """The provider's pricing page, where the figure should be checked."""
     note: str | None = None
     """Free text; starts with :data:`UNVERIFIED_NOTE` when the figure was not read at ``source``."""
+    reasoning: bool = False
+    """A reasoning model: it bills hidden reasoning tokens as output, so its cost can only be
+    estimated from a backend that reasoned the same way (another model's output tokens miss them)."""
 
     @property
     def verified(self) -> bool:
         return not (self.note or "").startswith(UNVERIFIED_NOTE)
 
 
-class GpuPrice(_Strict):
-    """One GPU's rental price, USD per GPU per hour."""
-
+class _HourlyPrice(_Strict):
     id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     usd_per_hour: float = Field(gt=0)
@@ -89,16 +99,27 @@ class GpuPrice(_Strict):
         return not self.note.startswith(UNVERIFIED_NOTE)
 
 
+class GpuPrice(_HourlyPrice):
+    """One GPU's rental price, USD per GPU per hour."""
+
+
+class CpuPrice(_HourlyPrice):
+    """One CPU machine's rental price, USD per instance per hour (all its cores: a CPU engine uses
+    the whole machine). The price for a run measured on a CPU, whose speed says nothing about a
+    GPU's."""
+
+
 class PriceTable(_Strict):
-    """The whole ``prices.yaml``. Ids are unique across both lists, so one id names one backend."""
+    """The whole ``prices.yaml``. Ids are unique across all lists, so one id names one backend."""
 
     api: list[ApiPrice] = Field(default_factory=list)
     gpu: list[GpuPrice] = Field(default_factory=list)
+    cpu: list[CpuPrice] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> PriceTable:
         seen: dict[str, str] = {}
-        for where, entries in (("api", self.api), ("gpu", self.gpu)):
+        for where, entries in (("api", self.api), ("gpu", self.gpu), ("cpu", self.cpu)):
             for i, entry in enumerate(entries):
                 here = f"{where}[{i}]"
                 if entry.id in seen:
@@ -108,18 +129,19 @@ class PriceTable(_Strict):
                 seen[entry.id] = here
         return self
 
-    def get(self, price_id: str) -> ApiPrice | GpuPrice:
+    def get(self, price_id: str) -> ApiPrice | GpuPrice | CpuPrice:
         """The entry with this id; a ConfigError listing the known ids if there is none."""
-        for entry in (*self.api, *self.gpu):
+        for entry in (*self.api, *self.gpu, *self.cpu):
             if entry.id == price_id:
                 return entry
-        known = ", ".join(e.id for e in (*self.api, *self.gpu)) or "(none)"
+        known = ", ".join(e.id for e in (*self.api, *self.gpu, *self.cpu)) or "(none)"
         raise ConfigError(f"no price with id '{price_id}'; known: {known}")
 
 
-def load_prices(path: str | Path = "prices.yaml") -> PriceTable:
-    """Read and validate a price table. Relative paths start at the current directory."""
-    path = Path(path)
+def load_prices(path: str | Path | None = None) -> PriceTable:
+    """Read and validate a price table: ``path`` (relative to the current directory), or the one
+    shipped with labelmill."""
+    path = Path(path) if path is not None else resources.price_table()
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
@@ -129,7 +151,7 @@ def load_prices(path: str | Path = "prices.yaml") -> PriceTable:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {yaml_position(exc) or 'a syntax error'}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping with 'api:' and 'gpu:' lists")
+        raise ConfigError(f"{path} must hold a mapping with 'api:', 'gpu:' and 'cpu:' lists")
     try:
         return PriceTable.model_validate(raw)
     except ValidationError as exc:
@@ -155,7 +177,7 @@ def _explain(exc: ValidationError, path: Path, raw: dict[str, Any]) -> str:
 
 def _entry_name(raw: dict[str, Any], loc: list[Any]) -> str:
     """``api[2] (id 'openai/gpt-4o-mini')`` for a location inside a list entry, else ``''``."""
-    if len(loc) < 2 or loc[0] not in ("api", "gpu") or not isinstance(loc[1], int):
+    if len(loc) < 2 or loc[0] not in ("api", "gpu", "cpu") or not isinstance(loc[1], int):
         return ""
     name = f"{loc[0]}[{loc[1]}]"
     entries = raw.get(loc[0])
@@ -189,8 +211,9 @@ def api_cost(
     return usd * (1 - price.batch_discount) if batch else usd
 
 
-def self_hosted_cost(gpu: GpuPrice, wall_seconds: float, gpus: int = 1) -> float:
-    """USD for renting ``gpus`` GPUs for ``wall_seconds``: wall time x price per GPU-hour x GPUs.
+def self_hosted_cost(gpu: GpuPrice | CpuPrice, wall_seconds: float, gpus: int = 1) -> float:
+    """USD for renting ``gpus`` GPUs for ``wall_seconds``: wall time x price per GPU-hour x GPUs
+    (for a :class:`CpuPrice`, one machine: ``gpus`` must be 1).
 
     The wall time is the user's measurement; whatever it leaves out (model load, idle machines,
     storage) is not in the cost.
@@ -199,6 +222,8 @@ def self_hosted_cost(gpu: GpuPrice, wall_seconds: float, gpus: int = 1) -> float
         raise ValueError(f"wall_seconds must be >= 0, got {wall_seconds}")
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
+    if isinstance(gpu, CpuPrice) and gpus != 1:
+        raise ValueError(f"a CPU price is for one machine; got gpus={gpus}")
     return wall_seconds / _SECONDS_PER_HOUR * gpu.usd_per_hour * gpus
 
 
@@ -206,8 +231,9 @@ def self_hosted_cost(gpu: GpuPrice, wall_seconds: float, gpus: int = 1) -> float
 class Sample:
     """Measured totals of one benchmark run on one backend.
 
-    Token counts follow :func:`api_cost` (``cached_tokens`` is part of ``input_tokens``).
-    ``wall_seconds`` is the run's wall-clock time at the parallelism it ran with.
+    Token counts follow :func:`api_cost` (``cached_tokens`` is part of ``input_tokens``) and, like
+    ``wall_seconds`` (the run's wall-clock time at the parallelism it ran with), are what the model
+    calls took: rows answered by a duplicate or the cache cost none of them.
     """
 
     rows: int
@@ -215,10 +241,26 @@ class Sample:
     cached_tokens: int
     output_tokens: int
     wall_seconds: float
+    model_calls: int | None = None
+    """Texts the model answered (one per distinct text asked). None: one per row."""
+    rows_needing_answer: int | None = None
+    """Rows that needed an answer: model calls + cache hits + rows that repeated a text (rows
+    without text need none). None: every row. Without duplicate collapsing or a cache, each of
+    these rows would be a model call."""
 
     def __post_init__(self) -> None:
         if self.rows < 1:
             raise ValueError(f"a sample needs at least one row, got {self.rows}")
+        # frozen: the defaults are filled in once, so readers never handle None
+        if self.rows_needing_answer is None:
+            object.__setattr__(self, "rows_needing_answer", self.rows)
+        if self.model_calls is None:
+            object.__setattr__(self, "model_calls", self.rows_needing_answer)
+        if not 0 <= self.model_calls <= self.rows_needing_answer <= self.rows:
+            raise ValueError(
+                f"need 0 <= model_calls ({self.model_calls}) <= rows_needing_answer "
+                f"({self.rows_needing_answer}) <= rows ({self.rows})"
+            )
         _check_counts(
             input_tokens=self.input_tokens,
             cached_tokens=self.cached_tokens,
@@ -251,6 +293,13 @@ class Projection:
     price_as_of: dt.date
     price_verified: bool
 
+    hardware: Literal["gpu", "cpu"] | None
+    """What the self-hosted price rents (None for an API)."""
+    model_share: float
+    """Model calls per projected row: the sample's measured share of rows that reached the model
+    (duplicates and cache hits cost nothing), or of rows needing an answer when the projection is
+    asked for the price without those savings. Per-item tokens and dollars include it."""
+
     @property
     def tokens_per_item(self) -> float:
         """Input plus output tokens per row (cached tokens are part of the input)."""
@@ -259,40 +308,58 @@ class Projection:
 
 def project(
     sample: Sample,
-    price: ApiPrice | GpuPrice,
+    price: ApiPrice | GpuPrice | CpuPrice,
     target_rows: int = 100_000_000,
     *,
     batch: bool = False,
     gpus: int = 1,
+    dedupe_savings: bool = True,
 ) -> Projection:
     """Scale a measured sample to ``target_rows`` on one backend.
 
     For an :class:`ApiPrice` the dollars come from the sample's tokens (``batch`` applies the batch
-    discount); for a :class:`GpuPrice` from its wall time on ``gpus`` GPUs. Either way the sample's
-    cost and wall time per row are multiplied by ``target_rows``: cost is assumed linear in rows.
+    discount); for a :class:`GpuPrice` from its wall time on ``gpus`` GPUs, for a :class:`CpuPrice`
+    from its wall time on one machine. Either way the cost and wall time of one model call are
+    multiplied by the calls ``target_rows`` would make: the sample's share of rows that reached the
+    model, or with ``dedupe_savings=False`` its share of rows that needed an answer (every such
+    row asked). Cost is assumed linear in rows.
     """
     if target_rows < 1:
         raise ValueError(f"target_rows must be >= 1, got {target_rows}")
+    hardware: Literal["gpu", "cpu"] | None
     if isinstance(price, ApiPrice):
         kind: Literal["api", "self-hosted"] = "api"
+        hardware = None
         sample_usd = api_cost(price, sample.input_tokens, sample.cached_tokens, sample.output_tokens, batch)
     else:
         kind = "self-hosted"
+        hardware = "cpu" if isinstance(price, CpuPrice) else "gpu"
         sample_usd = self_hosted_cost(price, sample.wall_seconds, gpus)
-    usd_per_row = sample_usd / sample.rows
+    calls = sample.model_calls
+    asked = calls if dedupe_savings else sample.rows_needing_answer
+    if asked and not calls:
+        raise ValueError("the sample made no model call, so the cost of one is unknown")
+    share = asked / sample.rows
+
+    def per_item(total: float) -> float:  # a call's share of the sample total, times calls per row
+        return total / calls * share if calls else 0.0
+
+    usd_per_row = per_item(sample_usd)
     return Projection(
         backend=price.id,
         kind=kind,
         sample_rows=sample.rows,
         target_rows=target_rows,
-        input_tokens_per_item=sample.input_tokens / sample.rows,
-        cached_tokens_per_item=sample.cached_tokens / sample.rows,
-        output_tokens_per_item=sample.output_tokens / sample.rows,
+        input_tokens_per_item=per_item(sample.input_tokens),
+        cached_tokens_per_item=per_item(sample.cached_tokens),
+        output_tokens_per_item=per_item(sample.output_tokens),
         usd_per_million_items=usd_per_row * 1_000_000,
         target_usd=usd_per_row * target_rows,
-        target_hours=sample.wall_seconds / sample.rows * target_rows / _SECONDS_PER_HOUR,
+        target_hours=per_item(sample.wall_seconds) * target_rows / _SECONDS_PER_HOUR,
         price_as_of=price.as_of,
         price_verified=price.verified,
+        hardware=hardware,
+        model_share=share,
     )
 
 

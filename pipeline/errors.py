@@ -6,7 +6,7 @@
     │   ├── LabelsError             empty label list, duplicates, unreadable labels file
     │   └── PromptError             template file wrong, unknown or missing template variable
     ├── InputError                  the input data is wrong (exit 2)
-    │   ├── InputNotFoundError      no Parquet file at the path or glob
+    │   ├── InputNotFoundError      no input file at the path, folder or glob
     │   ├── InputFormatError        not Parquet, missing column, mismatched schemas
     │   └── DuplicateIdError        the id column repeats or holds nulls
     ├── RunStateError               the run folder or the cache can't be used as it is (exit 3)

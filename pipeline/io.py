@@ -1,8 +1,13 @@
 """Parquet in, Parquet out.
 
 Reading is planned from Parquet footers alone: every chunk is a (file, first row, row count)
-triple, read by touching only the row groups it overlaps, so memory follows ``chunk_rows`` and a
-resumed run jumps straight to its first unfinished chunk without reading what came before.
+triple, read by touching only the row groups it overlaps, so a resumed run jumps straight to its
+first unfinished chunk without reading what came before. A row group is decoded once however the
+chunks fall on it: the reader keeps the last one it decoded while the next chunk still needs it,
+so a file written as one huge row group costs one decode, not one per chunk (and memory holds one
+row group's columns, besides the chunk). CSV, TSV and JSON Lines inputs are read through their
+Parquet copies, and Hive partition values (``country=PL/``) become columns, constant per file
+(see ``pipeline/sources.py``).
 Files may differ in how wide a column's type is (string and large_string, int32 and int64): the
 plan settles on the wider one and every chunk is read as it, so all parts share one schema.
 A chunk's read checks that the file is still the one planned and verifies page checksums where
@@ -14,7 +19,6 @@ and the rename itself flushed (the folder is synced).
 from __future__ import annotations
 
 import errno
-import glob
 import hashlib
 import os
 from collections.abc import Iterator
@@ -26,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DuplicateIdError, InputFormatError, InputNotFoundError, OutputError
+from pipeline.sources import Source, TextSource, convert, find_sources, text_format
 
 
 @dataclass(frozen=True)
@@ -39,9 +44,21 @@ class InputFile:
     row_group_rows: tuple[int, ...]
     read_types: tuple[tuple[str, pa.DataType], ...] = ()
     """Columns read as a wider type than the file's own, so that every file gives the plan's."""
+    partition: tuple[tuple[str, str | None], ...] = ()
+    """Hive partition columns and this file's values: string columns, the same on every row, at
+    the end of ``schema``."""
+    text: TextSource | None = None
+    """For a CSV, TSV or JSON Lines input: the file, and the Parquet copy read in its place (which
+    ``size``, ``footer_sha`` and the row groups describe)."""
+
+    @property
+    def read_path(self) -> Path:
+        return self.text.parquet if self.text else self.path
 
     @property
     def identity(self) -> dict:
+        if self.text:  # the source's bytes, so an edit of the file is a change of input
+            return {"path": str(self.path), "rows": self.rows, **self.text.identity}
         return {"path": str(self.path), "rows": self.rows, "size": self.size, "footer": self.footer_sha}
 
 
@@ -54,50 +71,59 @@ class Chunk:
 
 
 def find_inputs(spec: str) -> list[Path]:
-    """A file, a folder (its ``*.parquet`` files) or a glob, in sorted order."""
-    path = Path(spec)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.glob("*.parquet") if p.is_file())
-        where = f"folder {path}"
-    else:
-        found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        where = f"path or glob {spec!r}"
-    if not found:
-        raise InputNotFoundError(
-            f"input: no Parquet file at {where}",
-            hint="check 'input:' in the job file (relative paths start at the current directory)",
-        )
-    return found
+    """A file, a folder (its data files, and those of its ``name=value`` subfolders) or a glob,
+    in sorted order; ``~`` is expanded."""
+    return [s.path for s in find_sources(spec)]
 
 
-def describe(paths: list[Path]) -> list[InputFile]:
+def open_inputs(spec: str, copies: Path) -> list[InputFile]:
+    """The inputs ``spec`` names, described; text formats are converted into ``copies`` first."""
+    return describe(find_sources(spec), copies)
+
+
+def describe(paths: list[Path | Source], copies: Path | None = None) -> list[InputFile]:
+    """Each file's footer facts (a CSV, TSV or JSON Lines file's from its Parquet copy, made in
+    ``copies``), with its partition columns."""
     files = []
-    for path in paths:
+    for item in paths:
+        source = item if isinstance(item, Source) else Source(Path(item))
+        path = source.path
+        text = convert(path, copies) if copies is not None and text_format(path) else None
+        read_path = text.parquet if text else path
         try:
             # one handle for the footer read and its hash, so the two always describe one file
-            with pa.OSFile(str(path)) as source:
-                meta = pq.read_metadata(source)
-                size, footer_sha = source.size(), _footer_sha(source)
+            with pa.OSFile(str(read_path)) as handle:
+                meta = pq.read_metadata(handle)
+                size, footer_sha = handle.size(), _footer_sha(handle)
         except FileNotFoundError:
             raise InputNotFoundError(
-                f"{path} disappeared while the inputs were being read",
+                f"{read_path} disappeared while the inputs were being read",
                 hint="check that nothing else moves or deletes the input files, then rerun",
             ) from None
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputFormatError(
-                f"{path} is not a readable Parquet file ({exc})",
-                hint="convert it to Parquet first, or point 'input:' at Parquet files only",
+                f"{read_path} is not a readable Parquet file ({exc})",
+                hint="name CSV, TSV and JSON Lines files .csv, .tsv, .jsonl or .ndjson (with .gz, "
+                ".zst or .bz2 when compressed), or point 'input:' at Parquet files only",
             ) from None
+        schema = meta.schema.to_arrow_schema()
+        for name, _ in source.partition:
+            if name in schema.names:
+                raise InputFormatError(
+                    f"{path}: column '{name}' is both in the file and a partition folder ({name}=...)",
+                    hint="rename the folder level or the column, so the two can't disagree",
+                )
+            schema = schema.append(pa.field(name, pa.string()))
         files.append(
             InputFile(
                 path=path,
                 rows=meta.num_rows,
                 size=size,
                 footer_sha=footer_sha,
-                schema=meta.schema.to_arrow_schema(),
+                schema=schema,
                 row_group_rows=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
+                partition=source.partition,
+                text=text,
             )
         )
     return files
@@ -193,29 +219,70 @@ def plan_chunks(files: list[InputFile], chunk_rows: int) -> list[Chunk]:
 
 def read_chunk(file: InputFile, chunk: Chunk, columns: list[str]) -> pa.Table:
     """Read rows [start, start + rows) of one file, touching only the row groups they span, as the
-    plan's types."""
-    groups, offset, first_group_start = [], 0, None
-    end = chunk.start + chunk.rows
-    for gi, n in enumerate(file.row_group_rows):
-        if offset < end and offset + n > chunk.start:
-            groups.append(gi)
-            if first_group_start is None:
-                first_group_start = offset
-        offset += n
-    if not groups:
-        return cast_to_plan(file, file.schema.empty_table().select(columns))
-    with _open_planned(file, chunk) as parquet:
-        try:
-            table = parquet.read_row_groups(groups, columns=columns)
-        except (OSError, pa.ArrowException) as exc:
-            raise _damaged(file, parquet, groups, columns, exc) from None
-    table = table.slice(chunk.start - first_group_start, chunk.rows)
-    if table.num_rows != chunk.rows:
-        raise InputFormatError(
-            f"{file.path}: expected {chunk.rows} rows from row {chunk.start}, read {table.num_rows}",
-            hint="the file changed during the run; start over with --restart",
-        )
-    return cast_to_plan(file, table)
+    plan's types. To read several chunks, keep one :class:`ChunkReader`."""
+    return ChunkReader(columns).read(file, chunk)
+
+
+class ChunkReader:
+    """Reads chunks of input files, decoding each row group once however the chunks fall on it.
+
+    A chunk decodes the row groups it overlaps that it can't take from the last one decoded; that
+    one is kept while the chunk ended inside it, so the chunks that follow take their rows from it.
+    A file written as one row group of millions of rows is decoded once, not once per chunk; the
+    price is that group's columns in memory until the chunks are past it. Chunks read out of order
+    (a resumed run starting mid-file, a finished chunk's failed rows asked again) cost at most
+    one decode of the groups they span. Each read checks the file is still the one planned.
+    """
+
+    def __init__(self, columns: list[str]) -> None:
+        self.columns = list(columns)
+        self.decoded = 0
+        """Row groups decoded so far."""
+        self._kept: tuple[tuple[str, str, int], pa.Table] | None = None
+
+    def read(self, file: InputFile, chunk: Chunk) -> pa.Table:
+        partition = dict(file.partition)
+        own = [c for c in self.columns if c not in partition]
+        missing = [c for c in own if c not in file.schema.names]
+        if missing:  # not a damaged page: say so before a read would fail
+            raise InputFormatError(
+                f"{file.path}: column(s) {missing} not found; it has {file.schema.names}",
+                hint="fix text_column / text_template / id_column / keep_columns in the job",
+            )
+        end, pieces, offset = chunk.start + chunk.rows, [], 0
+        spans = []
+        for gi, n in enumerate(file.row_group_rows):
+            if offset < end and offset + n > chunk.start:
+                spans.append((gi, offset, n))
+            offset += n
+        if not spans:
+            return cast_to_plan(file, file.schema.empty_table().select(self.columns))
+        kept, self._kept = self._kept, None
+        with _open_planned(file, chunk) as parquet:
+            for gi, first, n in spans:
+                key = (str(file.path), file.footer_sha, gi)
+                if kept is not None and kept[0] == key:
+                    group = kept[1]
+                else:
+                    try:
+                        group = parquet.read_row_group(gi, columns=own)
+                    except (OSError, pa.ArrowException) as exc:
+                        raise _damaged(file, gi, exc) from None
+                    self.decoded += 1
+                lo, hi = max(chunk.start, first), min(end, first + n)
+                pieces.append(group.slice(lo - first, hi - lo))
+                if hi < first + n:  # the chunk ends inside this group: the next one starts there
+                    self._kept = (key, group)
+        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+        if table.num_rows != chunk.rows:
+            raise InputFormatError(
+                f"{file.path}: expected {chunk.rows} rows from row {chunk.start}, read {table.num_rows}",
+                hint="the file changed during the run; start over with --restart",
+            )
+        for name, value in file.partition:
+            if name in self.columns:
+                table = table.append_column(name, pa.repeat(pa.scalar(value, pa.string()), table.num_rows))
+        return cast_to_plan(file, table.select(self.columns))
 
 
 def cast_to_plan(file: InputFile, table: pa.Table) -> pa.Table:
@@ -231,9 +298,17 @@ def _open_planned(file: InputFile, chunk: Chunk | None = None) -> Iterator[pq.Pa
     """The file, opened once and checked to be the one planned: a file removed or rewritten during
     a run must stop it with its name, never label rows other than the planned ones. Reading from
     the handle that was checked keeps a rename over it, mid-read, from mixing two files."""
+    if file.text is not None:
+        _check_text_source(file, chunk)
     try:
-        source = pa.OSFile(str(file.path))
+        source = pa.OSFile(str(file.read_path))
     except FileNotFoundError:
+        if file.text is not None:
+            raise InputNotFoundError(
+                f"the Parquet copy of {file.path} ({file.read_path}) is gone: it was there when "
+                "this run was planned",
+                hint="rerun: the copy is made again (finished chunks are kept)",
+            ) from None
         raise InputNotFoundError(
             f"input file {file.path} is gone: it was there when this run was planned",
             hint="put it back and rerun (finished chunks are kept), or rerun with --restart to "
@@ -241,7 +316,7 @@ def _open_planned(file: InputFile, chunk: Chunk | None = None) -> Iterator[pq.Pa
         ) from None
     except OSError as exc:
         raise InputFormatError(
-            f"input file {file.path} can't be opened: {exc}", hint="check its permissions"
+            f"input file {file.read_path} can't be opened: {exc}", hint="check its permissions"
         ) from None
     with source:
         size, footer_sha = source.size(), _footer_sha(source)
@@ -252,6 +327,27 @@ def _open_planned(file: InputFile, chunk: Chunk | None = None) -> Iterator[pq.Pa
         # Hive, by default; pyarrow with write_page_checksum): about 20 ns a row, a fifth of
         # decoding a zstd page and under 1% of a run's time around the model.
         yield pq.ParquetFile(source, page_checksum_verification=True)
+
+
+def _check_text_source(file: InputFile, chunk: Chunk | None) -> None:
+    """A text input is read from its copy, but it is the input: one removed or edited during a
+    run stops the run as a Parquet input would (its size and modification time are compared;
+    its hash, once per run, when the run is planned)."""
+    try:
+        now = file.path.stat()
+    except FileNotFoundError:
+        raise InputNotFoundError(
+            f"input file {file.path} is gone: it was there when this run was planned",
+            hint="put it back and rerun (finished chunks are kept), or rerun with --restart to "
+            "label the input as it is now",
+        ) from None
+    if (now.st_size, now.st_mtime_ns) != (file.text.size, file.text.mtime_ns):
+        raise InputFormatError(
+            f"input file {file.path} changed after this run was planned: its size or "
+            "modification time differ",
+            hint="put the original back and rerun (finished chunks are kept), or rerun with "
+            "--restart to label the file as it is now",
+        )
 
 
 def _changed(file: InputFile, source: pa.NativeFile, chunk: Chunk | None) -> InputFormatError:
@@ -271,22 +367,19 @@ def _changed(file: InputFile, source: pa.NativeFile, chunk: Chunk | None) -> Inp
     )
 
 
-def _damaged(
-    file: InputFile, parquet: pq.ParquetFile, groups: list[int], columns: list[str], exc: Exception
-) -> InputFormatError:
-    """Name the row group that can't be read, and its rows: rereading the groups one by one only
-    happens once a read has already failed, so it costs nothing on a sound file."""
-    bad = groups
-    for gi in groups:
-        try:
-            parquet.read_row_group(gi, columns=columns)
-        except (OSError, pa.ArrowException) as one:
-            bad, exc = [gi], one
-            break
-    first = sum(file.row_group_rows[: bad[0]])
-    last = sum(file.row_group_rows[: bad[-1] + 1]) - 1
-    where = f"row group {bad[0]}" if len(bad) == 1 else f"row groups {bad[0]}-{bad[-1]}"
+def _damaged(file: InputFile, group: int, exc: Exception) -> InputFormatError:
+    """Name the row group that can't be read, and its rows (groups are read one at a time, so the
+    one that failed is known)."""
+    first = sum(file.row_group_rows[:group])
+    last = first + file.row_group_rows[group] - 1
+    where = f"row group {group}"
     reason = " ".join(str(exc).split())
+    if file.text is not None:
+        return InputFormatError(
+            f"the Parquet copy of input file {file.path} ({file.read_path}) is damaged: {where} "
+            f"(rows {first}-{last}) can't be read: {reason}",
+            hint="delete the copy and rerun: it is made again from the file (finished chunks are kept)",
+        )
     return InputFormatError(
         f"input file {file.path} is damaged: {where} (rows {first}-{last}) can't be read: {reason}",
         hint="copy an undamaged version of the file over it and rerun (finished chunks are kept "
@@ -305,13 +398,19 @@ def check_ids(files: list[InputFile], id_column: str) -> None:
 
     def batches():
         for f in files:
+            partition = dict(f.partition)
+            if id_column in partition:  # one value for the whole file
+                for start in range(0, f.rows, 1 << 20):
+                    n = min(1 << 20, f.rows - start)
+                    yield pl.Series(id_column, pa.repeat(pa.scalar(partition[id_column], pa.string()), n))
+                continue
             with _open_planned(f) as parquet:
-                try:
-                    for batch in parquet.iter_batches(batch_size=1 << 20, columns=[id_column]):
-                        yield pl.Series(cast_to_plan(f, pa.Table.from_batches([batch])).column(0))
-                except (OSError, pa.ArrowException) as exc:
-                    groups = list(range(parquet.metadata.num_row_groups))
-                    raise _damaged(f, parquet, groups, [id_column], exc) from None
+                for gi in range(len(f.row_group_rows)):
+                    try:
+                        for batch in parquet.iter_batches(1 << 20, [gi], columns=[id_column]):
+                            yield pl.Series(cast_to_plan(f, pa.Table.from_batches([batch])).column(0))
+                    except (OSError, pa.ArrowException) as exc:
+                        raise _damaged(f, gi, exc) from None
 
     nulls, hashes = 0, []
     for ids in batches():

@@ -1,8 +1,10 @@
 """Known models: aliases, where their weights come from, and how a local checkpoint is made.
 
 A job's ``model:`` is resolved in this order: an existing local folder; an alias from ``MODELS``
-(its fetched checkpoint under ``labelmill_home()/models/``); otherwise a Hugging Face id that vLLM
-reads from the local Hugging Face cache. labelmill never downloads weights from a model hub.
+(its fetched checkpoint under ``labelmill_home()/models/``); otherwise a Hugging Face id (``org/name``)
+that vLLM reads from the local Hugging Face cache. Anything else is refused before any model work: a
+name that is none of these (a mistyped alias) and a path that does not exist. labelmill never
+downloads weights from a model hub.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import BackendError, MissingDependencyError, ModelNotFoundError
+from pipeline.errors import BackendError, ConfigError, MissingDependencyError, ModelNotFoundError
 
 CONVERT_PACKAGES = ("torch", "transformers", "gguf", "accelerate")
 """What dequantising a GGUF into a checkpoint folder imports (the ``convert`` extra, and torch)."""
@@ -80,8 +83,18 @@ def checkpoint_dir(alias: str) -> Path:
     return labelmill_home() / "models" / alias
 
 
+# A Hugging Face repository id: ``org/name``, each part letters, digits, ``-``, ``_`` and ``.``.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def resolve_model(model: str) -> str:
-    """Turn a job's ``model:`` into what vLLM loads (a folder path or a hub id)."""
+    """Turn a job's ``model:`` into what vLLM loads (a folder path or a hub id).
+
+    Refuses, naming what was asked, what can never load: a path that does not exist
+    (``ModelNotFoundError``) and a name that is neither a known alias, a local folder nor a hub
+    id (``ConfigError``: a typo in the job, such as ``smollm2-135``). A hub id is passed on; whether
+    it is in the local cache is for the tokenizer to find out (``labelmill validate`` loads it).
+    """
     if Path(model).is_dir():
         return str(Path(model).resolve())
     if model in MODELS:
@@ -94,7 +107,136 @@ def resolve_model(model: str) -> str:
                 hint=f"run: labelmill models fetch {model}",
             )
         return MODELS[model].hf_id
-    return model
+    if _HUB_ID.fullmatch(model) and not model.startswith(("./", "../")):
+        return model
+    if _hub_file(model, "config.json") is not None:  # a bare legacy hub id (``gpt2``) in the cache
+        return model
+    known = ", ".join(sorted(MODELS))
+    if _looks_like_path(model):
+        path = Path(model).expanduser()
+        if path.exists():  # a single weights file (a GGUF): vLLM decides whether it loads it
+            return str(path.resolve())
+        raise ModelNotFoundError(
+            f"model folder {path.resolve()} does not exist",
+            hint=f"fix the path in model:, or name a known alias ({known})",
+        )
+    raise ConfigError(
+        f"model '{model}' is not a known alias, a local folder or a Hugging Face id (org/name)",
+        hint=f"known aliases: {known} (labelmill models list)",
+    )
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "~", ".")) or "/" in model or "\\" in model
+
+
+@dataclass(frozen=True)
+class Context:
+    """A model's context length, and where it was read (for messages)."""
+
+    tokens: int
+    """What vLLM takes when the job sets no ``max_model_len``."""
+    source: str
+    most: int
+    """The largest ``max_model_len`` vLLM accepts for the model (larger than ``tokens`` for
+    LongRoPE models, which default to their original length)."""
+
+
+# Keys a config.json may give its context length under, as vLLM reads them (the smallest wins).
+_CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+# RoPE types whose ``factor`` is already counted in max_position_embeddings: vLLM does not multiply.
+_ROPE_PRESCALED = {"su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling"}
+# transformers' stand-in for "no limit" in tokenizer_config.json is 1e30; anything this big is one.
+_NO_LIMIT = 10**8
+_VLLM_DEFAULT_CONTEXT = 2048
+
+
+def context_length(resolved: str) -> Context | None:
+    """The context vLLM will give ``resolved`` (a folder, or a hub id in the local cache) when the
+    job sets no ``max_model_len``, read from its ``config.json`` the way vLLM derives it: the
+    smallest of the length keys, a ``model_max_length`` there or in ``tokenizer_config.json``, times
+    the RoPE scaling factor where the type scales. None when there is no config.json to read.
+
+    Reads two JSON files, so ``labelmill validate`` can refuse a prompt that can't fit without
+    starting an engine.
+    """
+    config = _read_json(resolved, "config.json")
+    if config is None:
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    found = [(text[k], k) for k in _CONTEXT_KEYS if isinstance(text.get(k), (int, float))]
+    if isinstance(text.get("model_max_length"), (int, float)):  # Command-R: this one decides
+        found = [(text["model_max_length"], "model_max_length")]
+    length, key = min(found) if found else (float("inf"), "")
+    source = f"{key}={int(length)} in config.json" if found else ""
+    tokenizer = _read_json(resolved, "tokenizer_config.json") or {}
+    limit = tokenizer.get("model_max_length")
+    if isinstance(limit, (int, float)) and limit < min(length, _NO_LIMIT):
+        length, source = limit, f"model_max_length={int(limit)} in tokenizer_config.json"
+    if length == float("inf"):
+        length, source = _VLLM_DEFAULT_CONTEXT, "vLLM's default: config.json gives no length"
+    rope = [p for c in ([text] if text is config else [text, config]) for p in _rope_parameters(c) if p]
+    if rope and "gemma3" not in str(config.get("model_type", "")):  # Gemma 3's length is scaled
+        factor = 1.0
+        for p in rope:
+            if (p.get("rope_type") or p.get("type")) not in _ROPE_PRESCALED:
+                factor = p.get("factor", factor) or 1.0
+        if factor != 1.0:
+            length, source = length * factor, f"{source}, times RoPE scaling factor {factor:g}"
+        key = "original_max_position_embeddings"
+        original = next((d[key] for d in (config, text, *rope) if isinstance(d.get(key), int)), None)
+        longrope = any((p.get("rope_type") or p.get("type")) in ("longrope", "su") for p in rope)
+        if longrope and original is not None:
+            # vLLM's default for LongRoPE is the original length: the scaled one degrades short texts
+            note = f"original_max_position_embeddings={original} in config.json (LongRoPE)"
+            return Context(original, note, int(length))
+    return Context(int(length), source, int(length))
+
+
+def _rope_parameters(config: dict) -> list[dict]:
+    """RoPE settings under transformers 5's ``rope_parameters`` (maybe one dict per layer type) or
+    the older ``rope_scaling``."""
+    found = []
+    for key in ("rope_parameters", "rope_scaling"):
+        value = config.get(key)
+        if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()) and value:
+            found += list(value.values())
+        elif isinstance(value, dict):
+            found.append(value)
+    return found
+
+
+def _read_json(resolved: str, name: str) -> dict | None:
+    path = Path(resolved) / name if Path(resolved).is_dir() else _hub_file(resolved, name)
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _hub_file(model: str, name: str) -> str | None:
+    """A file of a hub model in the local Hugging Face cache, or None; never the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(model, name)
+    except Exception:  # not a valid repository id
+        return None
+    return found if isinstance(found, str) else None
 
 
 def model_fingerprint(resolved: str) -> str:

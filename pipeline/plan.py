@@ -29,8 +29,7 @@ from pipeline.io import (
     InputFile,
     check_columns,
     check_ids,
-    describe,
-    find_inputs,
+    open_inputs,
     plan_chunks,
     with_types,
 )
@@ -81,7 +80,7 @@ class Plan:
 
 def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
     """Everything that can be checked without a model; raises a LabelmillError on the first problem."""
-    files = describe(find_inputs(job.input))
+    files = open_inputs(job.input, labelmill_home() / "inputs")
     task = plugins.task_class(job.task)(job.task_settings, job.sampling)
     backend_class = plugins.backend_class(job.backend)
     prompt = render(job.prompt, task, job.prompt_vars)
@@ -194,7 +193,12 @@ def check_backend(plan: Plan, backend: Backend) -> None:
 
 
 def text_budget(plan: Plan, backend: Backend) -> int | None:
-    """Most tokens a row's text may have, or None for no limit."""
+    """Most tokens a row's text may have, or None for no limit.
+
+    Raises ConfigError when the prompt and the longest answer alone don't fit the context. The
+    vLLM backend knows its context before the engine starts (the model's ``config.json``), so
+    ``labelmill validate`` and the plan of ``run`` refuse such a job without loading weights.
+    """
     budgets = []
     if plan.job.max_input_tokens:
         budgets.append(plan.job.max_input_tokens)
@@ -204,10 +208,13 @@ def text_budget(plan: Plan, backend: Backend) -> int | None:
         answer = plan.request.max_tokens
         room = limit - overhead - answer - _TOKEN_MARGIN
         if room <= 0:
+            source = getattr(backend, "max_model_len_source", None)
             raise ConfigError(
                 f"the prompt alone takes {overhead} tokens and the answer up to {answer}, "
-                f"which leaves no room for row text in max_model_len={limit}",
-                hint="raise max_model_len, or shorten the prompt or the label list",
+                f"which leaves no room for row text in the context of {limit} tokens"
+                + (f" ({source})" if source else ""),
+                hint="shorten the prompt (prompt_vars), the label list or the attributes, or raise "
+                "max_model_len up to the model's own context (or pick a model with a longer one)",
             )
         budgets.append(room)
     return min(budgets) if budgets else None

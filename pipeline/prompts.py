@@ -1,4 +1,8 @@
-"""Prompt templates from ``prompts/*.yaml``, rendered strictly.
+"""Prompt templates, rendered strictly.
+
+A job's ``prompt:`` is a path to a template file, or the name of a built-in template
+(``classify_product.en``: a file of ``prompts/`` in the repository, shipped with labelmill; see
+``pipeline/resources.py``). A path that exists wins, so a local file can shadow a built-in name.
 
 A template has a ``system`` message and a ``user`` message, written with ``{name}`` placeholders
 (``{{`` and ``}}`` for literal braces). ``{text}`` (the row) must appear exactly once, in ``user``;
@@ -22,6 +26,7 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline import resources
 from pipeline.errors import PromptError, yaml_position
 
 
@@ -71,17 +76,38 @@ class RenderedPrompt:
         return h.hexdigest()[:16]
 
 
+def locate(prompt: str | Path) -> Path:
+    """The template file a job's ``prompt:`` names: the path itself when it exists, else the built-in
+    template of that name."""
+    path = Path(prompt)
+    try:
+        exists = path.exists()
+    except OSError:  # e.g. a name too long for the file system: the read names the reason
+        exists = True
+    if exists:
+        return path
+    builtin = resources.builtin_prompt(str(prompt))
+    if builtin is not None:
+        return builtin
+    raise PromptError(
+        f"prompt template {prompt} not found: no such file, and no built-in template has that name",
+        hint=_builtin_hint(),
+    )
+
+
+def _builtin_hint() -> str:
+    return f"built-in templates (name them without a path): {', '.join(resources.prompt_names())}"
+
+
 def load_template(path: str | Path) -> PromptTemplate:
-    """Read and check a template file. Errors name the file and a line, never the file's text: a job
-    whose ``prompt:`` points at the wrong file (a key file, ``/etc/passwd``) must not copy it into a
-    log."""
-    path = Path(path)
+    """Read and check a template file (or a built-in template by name). Errors name the file and a
+    line, never the file's text: a job whose ``prompt:`` points at the wrong file (a key file,
+    ``/etc/passwd``) must not copy it into a log."""
+    path = locate(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise PromptError(
-            f"prompt template {path} not found", hint="see prompts/ for the shipped ones"
-        ) from None
+        raise PromptError(f"prompt template {path} not found", hint=_builtin_hint()) from None
     except OSError as exc:
         raise PromptError(
             f"prompt template {path} can't be read ({exc.strerror or type(exc).__name__})"
@@ -106,7 +132,7 @@ def load_template(path: str | Path) -> PromptTemplate:
         line = node.start_mark.line + 1 if node is not None else 1
         raise PromptError(
             f"prompt template {path}: line {line}: expected keys (system:, user:, ...), found no mapping",
-            hint="see prompts/ for the shipped templates",
+            hint=f"the built-in templates in {resources.data_root() / 'prompts'} show the format",
         )
     lines = {
         str(key.value): key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)
@@ -134,12 +160,14 @@ def _template_problem(error: dict, lines: dict[str, int]) -> str:
 
 
 def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPrompt:
-    """Fill a template's shared part with the task's variables; the row goes in through ``messages``."""
+    """Fill a template's shared part with the task's variables; the row goes in through ``messages``.
+    ``path`` is a template file or a built-in template's name."""
+    path = locate(path)
     template = load_template(path)
     if template.task != task.name:
         raise PromptError(
             f"{path} is a template for task '{template.task}', but the job's task is '{task.name}'",
-            hint="pick a template from prompts/ written for this task",
+            hint=f"pick a template written for this task; {_builtin_hint()}",
         )
     builtins = task.prompt_values(template.language)
     values = {**builtins, **prompt_vars}

@@ -32,7 +32,7 @@ from pipeline.config import JobConfig
 from pipeline.contracts import STATUSES, Status
 from pipeline.errors import RunStateError
 from pipeline.flow import AnswerSource, AnswerStore, BackendSource, ChunkPipeline
-from pipeline.io import Chunk, read_chunk
+from pipeline.io import Chunk, ChunkReader
 from pipeline.plan import Plan, cache_root, check_backend, make_backend, now, plan_job, text_budget
 from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, part_width, status_totals
 
@@ -247,11 +247,12 @@ def labelled_chunks(
     the answer source answers later), where its answers came from, and its labelling seconds.
     ``starting`` is told of each item as its work begins."""
     plan, backend = pipeline.plan, pipeline.backend
+    reader = ChunkReader(plan.read_columns)  # across chunks: each row group is decoded once
     for item in work:
         if starting is not None:
             starting(item)
         t0, started_before = time.perf_counter(), backend.start_seconds
-        table = read_chunk(plan.files[item.chunk.file_index], item.chunk, plan.read_columns)
+        table = reader.read(plan.files[item.chunk.file_index], item.chunk)
         out, stats = pipeline.label(table, item.chunk, previous_output(folder, item))
         # a model load during this chunk is start-up, not labelling
         yield item, out, stats, time.perf_counter() - t0 - (backend.start_seconds - started_before)

@@ -11,9 +11,20 @@ text (the last user message):
     GARBLED   always answers 200 with a body that is not JSON
     OUTSIDE   answers with a word that is not a label
     DOWN      answers 503 while ``server.down`` is true
+    REFUSE    answers 400 with the same error every time (bar a request id that differs)
 
 Every request must carry ``Authorization: Bearer <key>``, else 401. ``burst_429`` makes the first
 N requests of the server's life answer 429 whatever they hold.
+
+Modes for the whole server:
+
+    reasoning=True      behaves like OpenAI's reasoning models (o-series, gpt-5): 400 with OpenAI's
+                        own error bodies for ``max_tokens``, for a ``temperature`` other than 1 and
+                        for ``logprobs``; otherwise ``reasoning_tokens`` hidden tokens are spent
+                        inside ``max_completion_tokens`` before the answer (an answer that no longer
+                        fits comes back empty with finish_reason "length", as OpenAI's does), and
+                        usage reports them in ``completion_tokens_details.reasoning_tokens``
+    reject_all=MESSAGE  answers every request 400 with MESSAGE and a request id that differs
 """
 
 from __future__ import annotations
@@ -25,17 +36,54 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-MARKERS = ("RATE", "FLAKY", "HANG", "DROP", "GARBLED", "OUTSIDE", "DOWN")
+MARKERS = ("RATE", "FLAKY", "HANG", "DROP", "GARBLED", "OUTSIDE", "DOWN", "REFUSE")
+
+# OpenAI's answers to a reasoning model asked for what it doesn't take, word for word.
+MAX_TOKENS_REFUSED = {
+    "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+    "Use 'max_completion_tokens' instead.",
+    "type": "invalid_request_error",
+    "param": "max_tokens",
+    "code": "unsupported_parameter",
+}
+LOGPROBS_REFUSED = {
+    "message": "Unsupported parameter: 'logprobs' is not supported with this model.",
+    "type": "invalid_request_error",
+    "param": "logprobs",
+    "code": "unsupported_parameter",
+}
+
+
+def temperature_refused(value: float) -> dict:
+    return {
+        "message": f"Unsupported value: 'temperature' does not support {value} with this model. "
+        "Only the default (1) value is supported.",
+        "type": "invalid_request_error",
+        "param": "temperature",
+        "code": "unsupported_value",
+    }
 
 
 class FaultServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, key: str, hang_s: float = 3.0, burst_429: int = 0) -> None:
+    def __init__(
+        self,
+        key: str,
+        hang_s: float = 3.0,
+        burst_429: int = 0,
+        *,
+        reasoning: bool = False,
+        reasoning_tokens: int = 300,
+        reject_all: str | None = None,
+    ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.key = key
         self.hang_s = hang_s
         self.burst_429 = burst_429
+        self.reasoning = reasoning
+        self.reasoning_tokens = reasoning_tokens
+        self.reject_all = reject_all
         self.down = True
         self.attempts: Counter[str] = Counter()
         self.requests = 0
@@ -97,9 +145,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._raw(200, b'{"choices": [{"message": {"content": "Tea"')
         if marker == "DOWN" and self.server.down:
             return self._json(503, {"error": {"message": "upstream unavailable"}})
+        if self.server.reject_all is not None or marker == "REFUSE":
+            message = self.server.reject_all or "This request was refused"
+            return self._json(400, {"error": {"message": f"{message} (request id req_{nth_request:05d}f3)"}})
         choices = body.get("structured_outputs", {}).get("choice") or ["Tea"]
         pick = int(hashlib.sha256(text.encode()).hexdigest(), 16) % len(choices)
         answer = "HACKED" if marker == "OUTSIDE" else choices[pick]
+        if self.server.reasoning:
+            return self._reason(body, answer)
         return self._json(
             200,
             {
@@ -121,6 +174,47 @@ class _Handler(BaseHTTPRequestHandler):
                     "completion_tokens": 2,
                     "total_tokens": 102,
                     "prompt_tokens_details": {"cached_tokens": 64},
+                },
+            },
+        )
+
+    def _reason(self, body: dict, answer: str) -> None:
+        """An OpenAI reasoning model's answer, or its 400 for a field it doesn't take."""
+        if "max_tokens" in body:
+            return self._json(400, {"error": MAX_TOKENS_REFUSED})
+        if body.get("temperature", 1) != 1:
+            return self._json(400, {"error": temperature_refused(body["temperature"])})
+        if "logprobs" in body:
+            return self._json(400, {"error": LOGPROBS_REFUSED})
+        if "response_format" in body:
+            answer = json.dumps({"label": answer})
+        answer_tokens = 2
+        reasoning = self.server.reasoning_tokens
+        limit = body.get("max_completion_tokens")
+        finish = "stop"
+        if limit is not None and reasoning + answer_tokens > limit:
+            # Out of budget while thinking: OpenAI sends no content at all.
+            answer, answer_tokens, reasoning, finish = "", 0, limit, "length"
+        return self._json(
+            200,
+            {
+                "id": "chatcmpl-reasoning",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer, "refusal": None},
+                        "finish_reason": finish,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": 100,
+                    "completion_tokens": answer_tokens + reasoning,
+                    "total_tokens": 100 + answer_tokens + reasoning,
+                    "prompt_tokens_details": {"cached_tokens": 0},
+                    "completion_tokens_details": {"reasoning_tokens": reasoning},
                 },
             },
         )

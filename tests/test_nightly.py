@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import PROMPTS_DIR, REPO_ROOT
+from conftest import REPO_ROOT
 
 from pipeline.cli import main
 from pipeline.config import load_job
@@ -30,7 +30,7 @@ def _night(tmp_path: Path, date: str, *extra: str):
     # backend, as a user points it at theirs.
     args = ["run", str(NIGHTLY), "--quiet", "--date", date]
     args += ["--set", f"input={tmp_path / 'export.parquet'}", "--set", "backend=fake", "--set", "model=fake"]
-    args += ["--set", f"prompt={PROMPTS_DIR / 'classify_keyword.pl.yaml'}", *extra]
+    args += list(extra)
     return CliRunner().invoke(main, args)
 
 

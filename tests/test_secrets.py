@@ -185,9 +185,13 @@ REFUSED = {
         lambda srv: {"extra_body": {"metadata": {"hooks": [{"X-Auth-Token": SECRET}]}}},
         ["extra_body.metadata.hooks[0].X-Auth-Token"],
     ),
-    "credential through the escape hatch": (
+    "credential named in the old extra_fields": (
         lambda srv: {"extra_body": {"clientSecret": SECRET}, "extra_fields": ["clientSecret"]},
-        ["extra_body.clientSecret", "api.extra_fields entry 'clientSecret'"],
+        ["extra_body.clientSecret", "credential"],
+    ),
+    "under a field labelmill doesn't know": (
+        lambda srv: {"extra_body": {"x_vendor": {"region": "eu", "session_token": SECRET}}},
+        ["extra_body.x_vendor.session_token", "credential"],
     ),
 }
 
@@ -215,10 +219,16 @@ def test_credentials_in_the_api_section_are_refused_unechoed(make_job, server, t
     "extra_body, owner",
     [
         ({"messages": [{"role": "user", "content": "answer Tea"}]}, "'prompt'"),
+        ({"model": "gpt-4o"}, "'model'"),
         ({"max_tokens": 500}, "'sampling.max_tokens'"),
+        ({"max_completion_tokens": 500}, "'sampling.max_tokens'"),
         ({"Temperature": 1.5}, "'sampling.temperature'"),
+        ({"logprobs": False}, "'api.logprobs'"),
+        ({"response_format": {"type": "json_object"}}, "'api.constraint'"),
+        ({"structured_outputs": {"regex": ".*"}}, "'api.constraint'"),
         ({"guided_choice": ["Tea"]}, "'api.constraint'"),
         ({"stream": True}, "one whole plain-text answer"),
+        ({"n": 3}, "one whole plain-text answer"),
     ],
 )
 def test_fields_labelmill_sets_are_refused_naming_their_job_key(make_job, server, extra_body, owner):
@@ -229,6 +239,21 @@ def test_fields_labelmill_sets_are_refused_naming_their_job_key(make_job, server
     result = _cli("validate", str(job_files.path))
     assert result.exit_code == 2, _printed(result)
     assert f"extra_body.{key}" in _printed(result) and owner in _printed(result)
+
+
+@pytest.mark.parametrize("log_format", LOG_FORMATS)
+def test_a_breaker_stop_on_errors_echoing_the_key_is_unechoed(make_job, server, tmp_path, log_format):
+    titles = [f"ECHO400 {i}" for i in range(12)]
+    data = pa.table({"id": pa.array(range(len(titles)), pa.int64()), "title": titles})
+    api = _api(server, max_consecutive_client_errors=4, max_concurrency=2)
+    job_files = make_job(data, backend="openai", model="m", api=api)
+    result = _cli("--log-format", log_format, "run", str(job_files.path))
+    printed = _printed(result)
+    assert result.exit_code == 4, printed
+    assert "4 rows in a row" in printed and "bad request from ***" in printed
+    assert server.keys_seen == {KEY}
+    assert not LEAK.search(printed), printed
+    assert _leaks(tmp_path, _planted(job_files)) == []
 
 
 SECRET_LINE = f"{SECRET} hunter2"

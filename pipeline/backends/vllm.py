@@ -1,6 +1,10 @@
 """The vLLM offline engine: one ``LLM`` per process, ``LLM.chat`` with the model's chat template,
 answers constrained to the label set through structured outputs (``choice``).
 
+JSON answers (extraction, multi-label) are compact: vLLM 0.32 reads ``disable_any_whitespace`` from
+the engine's ``structured_outputs_config`` only, never from a request, so it is set when the engine
+starts (``EngineSettings.compact_json``).
+
 Confidence comes from ``logprobs_mode="processed_logprobs"``: vLLM applies the structured-output
 mask to the logits before it computes log-probabilities, so each answer token's logprob is already
 renormalised over the tokens the label constraint allows at that step. Their sum is the constrained
@@ -25,7 +29,8 @@ from pipeline import logs
 from pipeline.backends import chat_api
 from pipeline.backends.base import Backend
 from pipeline.contracts import Completion, Messages, Options, Request
-from pipeline.errors import BackendError, BackendUnavailableError, ModelNotFoundError
+from pipeline.errors import BackendError, BackendUnavailableError, ConfigError, ModelNotFoundError
+from pipeline.models import Context, context_length
 
 log = logs.get("vllm")
 
@@ -41,6 +46,8 @@ _RESERVED = {
     "logprobs_mode": "labelmill sets processed_logprobs, which its confidences are defined by",
     "hf_token": "a token never goes in a job file; set HF_TOKEN in the environment",
 }
+# vLLM's structured-output backends that can forbid whitespace in JSON (the others refuse the flag).
+_COMPACT_BACKENDS = ("xgrammar", "guidance")
 
 
 class EngineSettings(Options):
@@ -81,6 +88,14 @@ class EngineSettings(Options):
     load_format: str | None = None
     """vLLM weight loading (``auto``, ``safetensors``, ...). ``dummy`` gives random weights of the
     checkpoint's shape: for throughput benchmarks only, never for labels."""
+    compact_json: bool = True
+    """JSON answers (``extract``, multi-label ``classify``) without whitespace outside strings, so
+    no decoding step is spent on indentation. vLLM 0.32 takes this for the whole engine, not per
+    request: labelmill starts it with ``structured_outputs_config`` ``{backend: xgrammar,
+    disable_any_whitespace: true}`` (xgrammar is what vLLM's ``auto`` picks first; a passed-through
+    ``structured_outputs_config`` may choose ``guidance``). Single-label answers are not affected.
+    ``false``: whitespace allowed (vLLM's default), and the job fingerprint and cache key that jobs
+    had before this setting existed."""
 
     # Settings that can change what the model answers; the others only change speed or memory.
     # Keys passed through to vLLM are counted among them: labelmill can't tell which of vLLM's
@@ -101,6 +116,9 @@ class EngineSettings(Options):
         for key in extra:
             if key in _RESERVED:
                 raise ValueError(f"'{key}' can't be set here: {_RESERVED[key]}")
+        structured = extra.get("structured_outputs_config")
+        if structured is not None:
+            self._check_structured(structured)
         known = engine_arg_names()
         unknown = sorted(k for k in extra if known is not None and k not in known)
         if unknown:  # reported like any unknown key, with its path (``engine.dtyp``)
@@ -110,6 +128,24 @@ class EngineSettings(Options):
             )
         return self
 
+    def _check_structured(self, structured: Any) -> None:
+        if not isinstance(structured, dict):
+            raise ValueError(
+                "'structured_outputs_config' must be a mapping of vLLM's StructuredOutputsConfig"
+            )
+        if "disable_any_whitespace" in structured:
+            raise ValueError(
+                "'structured_outputs_config.disable_any_whitespace' can't be set here: set "
+                "engine.compact_json instead (labelmill sets it from there)"
+            )
+        backend = structured.get("backend", _COMPACT_BACKENDS[0])
+        if self.compact_json and backend not in _COMPACT_BACKENDS:
+            raise ValueError(
+                f"structured_outputs_config.backend '{backend}' can't forbid whitespace in JSON "
+                f"answers (vLLM allows that with {' or '.join(_COMPACT_BACKENDS)} only): choose one "
+                "of those, or set compact_json: false"
+            )
+
     @property
     def passthrough(self) -> dict[str, Any]:
         """The keys given for vLLM's ``EngineArgs`` beyond the documented ones."""
@@ -117,8 +153,21 @@ class EngineSettings(Options):
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM``, leaving vLLM's own defaults where nothing was said."""
-        documented = {name: getattr(self, name) for name in type(self).model_fields}
-        return {k: v for k, v in documented.items() if v is not None} | self.passthrough
+        documented = {name: getattr(self, name) for name in type(self).model_fields if name != "compact_json"}
+        kwargs = {k: v for k, v in documented.items() if v is not None} | self.passthrough
+        if self.compact_json:
+            given = kwargs.get("structured_outputs_config") or {}
+            kwargs["structured_outputs_config"] = {
+                "backend": _COMPACT_BACKENDS[0],
+                **given,
+                "disable_any_whitespace": True,
+            }
+        return kwargs
+
+
+def _long_context_allowed() -> bool:
+    # vLLM's own switch for a max_model_len beyond the model's config (its envs.py reads it so)
+    return os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true")
 
 
 @cache
@@ -146,7 +195,14 @@ class VllmBackend(Backend):
 
     @classmethod
     def identity(cls, settings: EngineSettings) -> dict[str, Any]:
-        return {k: getattr(settings, k) for k in settings.OUTPUT_FIELDS} | settings.passthrough
+        identity = {k: getattr(settings, k) for k in settings.OUTPUT_FIELDS}
+        # Compact JSON changes JSON answers (their raw text, and what a small model fills in after
+        # a different context), so it is part of the identity; only when on, so that
+        # ``compact_json: false`` (whitespace allowed) keeps the fingerprint and cache key that
+        # runs started before the setting existed have.
+        if settings.compact_json:
+            identity["compact_json"] = True
+        return identity | settings.passthrough
 
     @property
     def engine(self) -> EngineSettings:
@@ -195,14 +251,38 @@ class VllmBackend(Backend):
         self.start_seconds = time.perf_counter() - t0
         log.info("vLLM ready in %.1f s", self.start_seconds)
 
+    @cached_property
+    def context(self) -> Context | None:
+        """The model's own context as vLLM derives it from ``config.json`` (None without one)."""
+        return context_length(self.model)
+
     @property
     def max_model_len(self) -> int | None:
+        """The engine's context: known before it starts (so ``labelmill validate`` and the plan of
+        ``run`` size the text budget and refuse a prompt that can't fit without loading weights),
+        from ``engine.max_model_len`` or else the model's ``config.json``, as vLLM will decide it."""
         if self._llm is not None:
             return self._llm.llm_engine.model_config.max_model_len
-        if self.engine.max_model_len:
-            return self.engine.max_model_len
+        asked, context = self.engine.max_model_len, self.context
+        if asked and context and asked > context.most and not _long_context_allowed():
+            raise ConfigError(
+                f"engine.max_model_len={asked} is more than the context of model '{self.model}': "
+                f"{context.most} tokens ({context.source}); vLLM would refuse to start",
+                hint="lower max_model_len, or leave it out to use the model's context",
+            )
+        if asked:
+            return asked
+        if context:
+            return context.tokens
         limit = getattr(self._tokenizer, "model_max_length", None)
         return limit if isinstance(limit, int) and limit < 10**8 else None
+
+    @property
+    def max_model_len_source(self) -> str | None:
+        """Where ``max_model_len`` comes from, for messages."""
+        if self._llm is not None or self.engine.max_model_len:
+            return "engine.max_model_len" if self.engine.max_model_len else "the running engine"
+        return self.context.source if self.context else "the tokenizer's model_max_length"
 
     def close(self) -> None:
         if self._llm is None:
@@ -238,7 +318,9 @@ class VllmBackend(Backend):
 
     def request_body(self, messages: Messages, request: Request) -> dict:
         # The same request for ``vllm run-batch`` (start it with --logprobs-mode processed_logprobs
-        # for confidences with the offline engine's meaning).
+        # for confidences with the offline engine's meaning, and for compact JSON answers with
+        # --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}':
+        # vLLM 0.32 ignores the request's own disable_any_whitespace).
         return chat_api.request_body(self.model, messages, request, "choice", logprobs=True)
 
     def read_response(self, body: dict, request: Request) -> Completion | None:
@@ -261,8 +343,11 @@ class VllmBackend(Backend):
             structured_outputs=(
                 StructuredOutputsParams(choice=list(constraint.choice))
                 if constraint.choice is not None
-                # compact JSON: whitespace between tokens only costs decoding steps
-                else StructuredOutputsParams(json=constraint.json_schema, disable_any_whitespace=True)
+                # vLLM 0.32 reads whitespace from the engine's setting only (see engine_kwargs);
+                # the request says the same for a vLLM that reads it here
+                else StructuredOutputsParams(
+                    json=constraint.json_schema, disable_any_whitespace=self.engine.compact_json
+                )
             ),
         )
         try:

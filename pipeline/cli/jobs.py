@@ -47,15 +47,27 @@ def run(
 @click.option("--rows", default=3, show_default=True, help="How many prompts to render.")
 @domain_errors
 def validate(job_file: str, rows: int) -> None:
-    """Check a job without loading a model: inputs, labels, prompt, token counts."""
+    """Check a job without loading a model: inputs, labels, prompt, model, token counts."""
     from pipeline.config import load_job
-    from pipeline.errors import BackendError
+    from pipeline.errors import BackendUnavailableError
     from pipeline.io import read_chunk
     from pipeline.plan import make_backend, plan_job, text_budget
     from pipeline.text import row_texts
 
     plan = plan_job(load_job(job_file))
     job = plan.job
+    backend = make_backend(plan)
+    # Refused before "ok", as run would die on them before its first answer: a model whose
+    # tokenizer isn't on this machine, a prompt that can't fit the model's context. Only a missing
+    # tokenizer library (validating on a machine without the engine) leaves the counts out.
+    try:
+        budget = text_budget(plan, backend)
+        limit, source = backend.max_model_len, getattr(backend, "max_model_len_source", None)
+        counted = [f"  context {limit} tokens" + (f" ({source})" if source else "")] if limit else []
+        counted.append(f"  budget  row text up to {budget if budget else 'unlimited'} tokens")
+    except BackendUnavailableError as exc:
+        counted = [f"  tokens  not counted: {exc.message}"]
+        backend = None
     echo(f"job {job_file}: ok")
     chunks = f"{len(plan.chunks)} chunk(s) of <= {job.chunk_rows}"
     echo(f"  input   {len(plan.files)} file(s), {plan.rows} rows, {chunks}")
@@ -69,13 +81,8 @@ def validate(job_file: str, rows: int) -> None:
     if unused:
         echo(f"  note    section(s) {', '.join(unused)} belong to other backends: not used by {job.backend}")
     echo(f"  answer  at most {plan.request.max_tokens} tokens")
-    backend = make_backend(plan)
-    try:
-        budget = text_budget(plan, backend)
-        echo(f"  budget  row text up to {budget if budget else 'unlimited'} tokens")
-    except BackendError as exc:  # a tokenizer that isn't here only limits what validate can show
-        echo(f"  tokens  not counted: {exc.message}")
-        backend = None
+    for line in counted:
+        echo(line)
     if not plan.chunks:
         return
     first = plan.chunks[0]
@@ -194,7 +201,12 @@ def export_cmd(job_file: str, out_dir: str, max_requests: int, max_mb: int, no_c
 @main.command("import")
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
-@click.option("--restart", is_flag=True, help="Discard this run folder's parts first (after a job change).")
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Discard this run folder's parts first (after a job change); a row the files leave without "
+    "an answer keeps the one it held for the same rows and answers.",
+)
 @domain_errors
 def import_cmd(job_file: str, results: tuple[str, ...], restart: bool) -> None:
     """Read batch result JSONL files into the job's run folder, as if the job had run."""
@@ -206,5 +218,9 @@ def import_cmd(job_file: str, results: tuple[str, ...], restart: bool) -> None:
     echo(
         f"imported {done['imported_answers']} answers ({done['answers_used']} used); "
         f"{done['requests_without_answer']} request(s) had none, {done['failed_answers']} failed"
+    )
+    echo(
+        f"rows: {done['rows_kept_earlier_answer']} kept an earlier answer, "
+        f"{done['rows_without_answer']} have none (status error: labelmill run asks for them)"
     )
     finish(summary)

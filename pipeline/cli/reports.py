@@ -20,17 +20,33 @@ from pipeline.cli.app import domain_errors, echo, main
 )
 @click.option("--gold-column", default=None, help="Input column with the right labels, for accuracy.")
 @click.option("--price-apis", default="", help="Price-table API ids to project from measured tokens.")
-@click.option("--profiles", default="backends.yaml", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--prices", default="prices.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--profiles",
+    type=click.Path(dir_okay=False),
+    help="Backend profiles file [default: the backends.yaml shipped with labelmill].",
+)
+@click.option(
+    "--prices",
+    type=click.Path(dir_okay=False),
+    help="Price table [default: the prices.yaml shipped with labelmill].",
+)
 @click.option("--out", "out_dir", default=None, help="Report folder [default: out/bench-<job output name>].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--no-charts", is_flag=True, help="No bench.png (for machines without matplotlib).")
+@click.option(
+    "--no-dedupe-savings",
+    is_flag=True,
+    help="Price every projected row with text, as if no duplicate were collapsed and nothing cached "
+    "[default: only the sample's measured share of rows that reached the model].",
+)
 @domain_errors
 def bench_cmd(
     job_file, backends, sample_rows, target_rows, gold_column, price_apis, profiles, prices, out_dir, seed,
-    no_charts,
+    no_charts, no_dedupe_savings,
 ):  # fmt: skip
-    """Run one sample on several backends; report items/s, tokens, $ per 1M items, agreement."""
+    """Run one sample on several backends; report items/s, tokens, $ per 1M items, agreement.
+
+    Engine output printed during the runs goes to stderr; stdout holds only the report."""
     from pipeline.bench import bench, load_profiles
     from pipeline.config import load_job
     from pipeline.costs import load_prices
@@ -49,9 +65,10 @@ def bench_cmd(
         price_apis=[p.strip() for p in price_apis.split(",") if p.strip()],
         seed=seed,
         charts=not no_charts,
+        dedupe_savings=not no_dedupe_savings,
     )
     click.echo((out / "bench.md").read_text())
-    priced = len(report["projections"])
+    priced = sum(p["priced"] for p in report["projections"])
     files = ", ".join(f"{out}/{name}" for name in report["files"])
     click.echo(f"report: {files} ({priced} priced rows)")
 
@@ -64,14 +81,37 @@ def bench_cmd(
 @click.option("--out", "out_dir", default=None, help="Report folder [default: RUN_FOLDER/eval].")
 @click.option("--thresholds", default="0.5,0.7,0.9", show_default=True, help="Confidence thresholds.")
 @click.option("--no-charts", is_flag=True, help="No PNG pictures (for machines without matplotlib).")
+@click.option(
+    "--gold-delimiter",
+    default=None,
+    help="Split text gold cells on this into label sets (multi-label gold) [default: a list column is "
+    "a set; text is split on '|' for a multi-label run, or where its values can't be single labels].",
+)
+@click.option(
+    "--null-values",
+    default="",
+    help="Comma-separated gold tokens meaning 'no value', e.g. n/a,none,- (case-insensitive): "
+    "such rows are counted and not scored; such attribute values are not counted.",
+)
 @domain_errors
-def eval_cmd(run_folder, gold_file, on, gold_column, out_dir, thresholds, no_charts):
-    """Score a run against gold answers: accuracy, F1, confusion, calibration; P/R/F1 per attribute."""
-    from pipeline.evaluation import evaluate, parse_thresholds
+def eval_cmd(
+    run_folder, gold_file, on, gold_column, out_dir, thresholds, no_charts, gold_delimiter, null_values
+):
+    """Score a run against gold answers: accuracy, F1, confusion, calibration; label sets (multi-label
+    gold or runs); P/R/F1 per attribute."""
+    from pipeline.evaluation import evaluate, parse_null_values, parse_thresholds
 
     out = Path(out_dir) if out_dir else Path(run_folder) / "eval"
     report = evaluate(
-        run_folder, gold_file, on, gold_column, out, parse_thresholds(thresholds), charts=not no_charts
+        run_folder,
+        gold_file,
+        on,
+        gold_column,
+        out,
+        parse_thresholds(thresholds),
+        charts=not no_charts,
+        gold_delimiter=gold_delimiter,
+        null_values=parse_null_values(null_values),
     )
     click.echo((out / "eval.md").read_text(encoding="utf-8"), nl=False)
     echo(f"report: {', '.join(str(out / name) for name in report['files'])}")

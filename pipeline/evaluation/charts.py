@@ -18,7 +18,7 @@ def require_matplotlib():
     except ImportError:
         raise MissingDependencyError(
             "the eval charts need matplotlib",
-            hint="pip install 'labelmill[bench]', or pass --no-charts for the report without pictures",
+            hint="pip install 'labelmill[charts]', or pass --no-charts for the report without pictures",
         ) from None
     return matplotlib
 

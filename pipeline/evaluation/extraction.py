@@ -7,6 +7,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 
 from pipeline.errors import InputFormatError
 from pipeline.evaluation.scores import _f1, _ratio
@@ -93,8 +94,17 @@ def _prf(tp: int, fp: int, fn: int) -> dict:
     return {"tp": tp, "fp": fp, "fn": fn, "precision": p, "recall": r, "f1": _f1(p, r)}
 
 
-def extraction_metrics(attributes: list[dict], predicted: dict[str, list], gold: list[dict]) -> dict:
-    """``predicted``: run column -> values of the scored rows; ``gold``: parsed gold cells, same rows."""
+def extraction_metrics(
+    attributes: list[dict],
+    predicted: dict[str, list],
+    gold: list[dict],
+    null_like: Callable[[object], bool] | None = None,
+) -> dict:
+    """``predicted``: run column -> values of the scored rows; ``gold``: parsed gold cells, same rows.
+
+    Gold values for which ``null_like`` holds (``--null-values`` tokens) are no value: removed before
+    scoring and counted per attribute.
+    """
     by_key: dict[str, dict] = {}
     for a in attributes:
         k = attribute_key(a["name"])
@@ -103,13 +113,18 @@ def extraction_metrics(attributes: list[dict], predicted: dict[str, list], gold:
                 f"run attributes {by_key[k]['name']!r} and {a['name']!r} both match gold name {k!r}"
             )
         by_key[k] = a
+    null_like = null_like or (lambda v: False)
     gold_by_attr: dict[str, list[list]] = {k: [[] for _ in gold] for k in by_key}
+    nulls_dropped: Counter = Counter()
     unmatched: Counter = Counter()
     for row, cell in enumerate(gold):
         for name, value in cell.items():
             k = attribute_key(str(name))
             if k in by_key:
-                gold_by_attr[k][row] += _values(value)
+                values = _values(value)
+                kept = [v for v in values if not null_like(v)]
+                nulls_dropped[k] += len(values) - len(kept)
+                gold_by_attr[k][row] += kept
             else:
                 unmatched[str(name)] += 1
     per_attribute, totals = [], {"exact": [0, 0, 0], "normalised": [0, 0, 0]}
@@ -121,6 +136,7 @@ def extraction_metrics(attributes: list[dict], predicted: dict[str, list], gold:
             "type": a["type"],
             "gold_rows": sum(bool(g) for g in gold_by_attr[k]),
             "predicted_rows": sum(bool(p) for p in preds),
+            "gold_null_values": nulls_dropped[k],
         }
         for mode, key in (("exact", exact_key), ("normalised", normalised_key)):
             tp = fp = fn = 0
@@ -135,5 +151,6 @@ def extraction_metrics(attributes: list[dict], predicted: dict[str, list], gold:
         "per_attribute": per_attribute,
         "overall": {mode: _prf(*t) for mode, t in totals.items()},
         "attributes_never_in_gold": [r["attribute"] for r in per_attribute if not r["gold_rows"]],
+        "gold_null_values": sum(nulls_dropped.values()),
         "unmatched_gold_attributes": dict(sorted(unmatched.items())),
     }

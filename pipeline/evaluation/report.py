@@ -8,6 +8,13 @@ from pathlib import Path
 DEFINITIONS = [
     "Scored rows: ids present in both the run and the gold file, with a gold value. Rows with a status "
     "other than ok/truncated are scored as wrong, with no label ('(none)').",
+    "Gold missing: null, blank or an empty list. Gold null-like: only --null-values tokens (compared "
+    "after NFKC, casefolding and whitespace collapsing). Neither is scored.",
+    "Gold label sets: a list column, or text split on --gold-delimiter (without it: on '|' for a "
+    "multi-label run; for a single-label run only when the values holding '|' are not labels of the "
+    "run). Set items are stripped; blank and null-like items are dropped.",
+    "Single-label run, gold label sets: a row is right when its label is in the row's gold set "
+    "(accuracy (label in gold set), also used for calibration); P/R/F1 treat the label as a one-label set.",
     "Per class: precision = right / predicted, recall = right / gold support, 0/0 = 0 (a class never "
     "predicted has precision 0).",
     "Macro F1 = mean per-class F1 over the gold classes; micro P/R/F1 are pooled over the gold classes "
@@ -16,11 +23,11 @@ DEFINITIONS = [
     "Calibration: rows with a confidence; 10 equal-width bins; ECE = sum |accuracy - mean confidence| "
     "x bin rows / rows. Accepted at t = confidence >= t; share = accepted / all scored rows.",
     "95%-precision threshold: the lowest distinct confidence value at which accepted rows are >= 95% right.",
-    "Multi-label: samples-averaged P/R/F1 (0/0 = 0), micro and macro over the union of gold and "
-    "predicted labels, exact-set accuracy.",
+    "Multi-label: samples-averaged P/R/F1 (0/0 = 0), micro (TP/FP/FN pooled) and macro (mean per "
+    "label) over the union of gold and predicted labels, exact-set accuracy.",
     "Extraction: a single-valued attribute's gold values are alternatives (TP if the prediction is one "
     "of them, else FP if predicted and FN if gold has a value); list attributes compare as sets. "
-    "Overall = micro over attributes.",
+    "Overall = micro over attributes. Gold values that are --null-values tokens are no value.",
     "Exact match: strings character for character, numbers as numbers, a number never equals a string. "
     "Normalised match: Unicode NFKC, casefold, whitespace collapsed and stripped; decimal-number strings "
     "become numbers, compared as floats.",
@@ -55,10 +62,35 @@ def markdown(report: dict) -> str:
         f"| only in the run (not scored) | {j['only_in_run']} |",
         f"| only in the gold file (not scored) | {j['only_in_gold']} |",
         f"| in both, gold value missing (not scored) | {j['gold_missing']} |",
+    ]
+    reading = report["gold_reading"]
+    nulls = reading["null_values"]
+    if nulls:
+        lines.append(
+            f"| in both, gold value null-like, `--null-values` (not scored) | {j['gold_null_like']} |"
+        )
+    lines += [
         f"| **scored** | **{j['scored']}** |",
         "",
         f"Coverage (scored rows with status ok or truncated): {_pct(report['coverage'])}.",
     ]
+    if report["kind"] != "extract":
+        lines.append(f"Gold read as {reading['reading']}: {reading['source']}.")
+    if nulls:
+        dropped = (
+            report["extraction"]["gold_null_values"]
+            if report["kind"] == "extract"
+            else reading["null_items_dropped"]
+        )
+        where = (
+            "gold attribute value(s) not counted"
+            if report["kind"] == "extract"
+            else ("such item(s) removed from gold label sets that also hold labels")
+        )
+        lines.append(
+            f"`--null-values` {', '.join(f'`{t}`' for t in nulls)}: {j['gold_null_like']} row(s) whose "
+            f"gold is only such a token not scored; {dropped} {where}."
+        )
     if j["only_in_run"]:
         lines.append(f"Only in the run, e.g.: {', '.join(j['only_in_run_examples'])}.")
     if j["only_in_gold"]:
@@ -70,6 +102,8 @@ def markdown(report: dict) -> str:
     files = set(report["files"])
     if report["kind"] == "classify":
         lines += _classification_md(report["classification"], files)
+    elif report["kind"] == "classify_sets":
+        lines += _classification_sets_md(report["classification_sets"], files)
     elif report["kind"] == "multilabel":
         lines += _multilabel_md(report["multilabel"])
     else:
@@ -127,8 +161,11 @@ def _classification_md(m: dict, files: set[str]) -> list[str]:
     ]
     if "confusion.png" in files:
         lines += ["", "![confusion matrix](confusion.png)"]
-    cal = m["calibration"]
-    lines += ["", "## Calibration of confidence", ""]
+    return lines + _calibration_md(m["calibration"], files)
+
+
+def _calibration_md(cal: dict, files: set[str]) -> list[str]:
+    lines = ["", "## Calibration of confidence", ""]
     if not cal["rows_with_confidence"]:
         return [*lines, "No scored row has a confidence."]
     lines += [
@@ -165,31 +202,76 @@ def _classification_md(m: dict, files: set[str]) -> list[str]:
     return lines
 
 
-def _multilabel_md(m: dict) -> list[str]:
+def _classification_sets_md(m: dict, files: set[str]) -> list[str]:
+    sizes = m["gold_labels_per_row"]
     lines = [
         "",
-        "## Scores (multi-label)",
+        "## Scores (single-label run, gold label sets)",
         "",
-        f"Exact-set accuracy: {_f(m['exact_set_accuracy'])}.",
+        "A row is right when its predicted label is one of the row's gold labels.",
         "",
-        "| average | precision | recall | F1 |",
-        "|---|---:|---:|---:|",
+        "| metric | value |",
+        "|---|---:|",
+        f"| **accuracy (label in gold set)** | **{_f(m['accuracy_label_in_gold_set'])}** |",
+        f"| rows right / scored | {m['right']} / {m['rows']} |",
+        f"| rows without a label | {m['unlabelled']} |",
+        f"| gold labels per row: mean / max (rows with several) | {sizes['mean']:.2f} / {sizes['max']} "
+        f"({sizes['rows_with_several']}) |",
+        f"| exact-set match (gold set is just the predicted label) | {_f(m['exact_set_accuracy'])} |",
+        "",
+        "Label-set scores, the prediction taken as a one-label set (micro precision = right / labelled "
+        "rows; recall is below 1 wherever a gold set holds several labels):",
+        "",
+        *_averages_md(m, ("micro", "macro")),
+        *_per_label_md(m["per_label"]),
+        *_not_in_label_set_md(m),
     ]
-    for name in ("samples", "micro", "macro"):
+    return lines + _calibration_md(m["calibration"], files)
+
+
+def _averages_md(m: dict, names: tuple[str, ...]) -> list[str]:
+    lines = ["| average | precision | recall | F1 |", "|---|---:|---:|---:|"]
+    for name in names:
         s = m[name]
         lines.append(f"| {name} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} |")
-    lines += [
+    return lines
+
+
+def _per_label_md(per_label: list[dict]) -> list[str]:
+    lines = [
         "",
         "## Per label",
         "",
-        "| label | precision | recall | F1 | support |",
-        "|---|---:|---:|---:|---:|",
+        "| label | precision | recall | F1 | gold rows | predicted rows |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for c in m["per_label"]:
+    for c in per_label:
         lines.append(
-            f"| {c['label']} | {_f(c['precision'])} | {_f(c['recall'])} | {_f(c['f1'])} | {c['support']} |"
+            f"| {c['label']} | {_f(c['precision'])} | {_f(c['recall'])} | {_f(c['f1'])} | {c['support']} "
+            f"| {c['predicted']} |"
         )
     return lines
+
+
+def _not_in_label_set_md(m: dict) -> list[str]:
+    outside = m.get("gold_labels_not_in_label_set")
+    return ["", f"Gold labels not in the run's label set: {', '.join(outside)}."] if outside else []
+
+
+def _multilabel_md(m: dict) -> list[str]:
+    sizes = m["gold_labels_per_row"]
+    micro = m["micro"]
+    return [
+        "",
+        "## Scores (multi-label)",
+        "",
+        f"Exact-set match: {_f(m['exact_set_accuracy'])}. Gold labels per row: mean {sizes['mean']:.2f}, "
+        f"max {sizes['max']}. Pooled counts: TP {micro['tp']}, FP {micro['fp']}, FN {micro['fn']}.",
+        "",
+        *_averages_md(m, ("micro", "macro", "samples")),
+        *_per_label_md(m["per_label"]),
+        *_not_in_label_set_md(m),
+    ]
 
 
 def _extraction_md(m: dict, files: set[str]) -> list[str]:
@@ -219,6 +301,11 @@ def _extraction_md(m: dict, files: set[str]) -> list[str]:
     )
     lines += ["", "| counts | TP | FP | FN |", "|---|---:|---:|---:|"]
     lines += [f"| overall, {mode} | {t['tp']} | {t['fp']} | {t['fn']} |" for mode, t in m["overall"].items()]
+    dropped = [
+        f"{a['attribute']} {a['gold_null_values']}" for a in m["per_attribute"] if a["gold_null_values"]
+    ]
+    if dropped:
+        lines += ["", f"Gold values that were `--null-values` tokens (not counted): {', '.join(dropped)}."]
     if m["attributes_never_in_gold"]:
         lines += [
             "",
