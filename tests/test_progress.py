@@ -47,3 +47,17 @@ def test_the_bar_moves_within_a_chunk_and_leaves_out_the_start(make_job) -> None
     assert len(bar.updates) > 10 and max(bar.updates) < 150
     # the 5 s the model took to load are not labelling time: the bar's clock skips them
     assert (bar.start_t, bar.last_print_t) == (105.0, 105.0)
+
+
+def test_an_http_backend_moves_the_bar_row_by_row(make_job, monkeypatch) -> None:
+    from fault_server import FaultServer
+
+    monkeypatch.setenv("LM_TEST_KEY", "k")
+    with FaultServer("k") as server:
+        server.down = False
+        api = {"base_url": f"http://127.0.0.1:{server.server_port}/v1", "api_key_env": "LM_TEST_KEY"}
+        job_files = make_job(default_table(40), chunk_rows=40, backend="openai", model="m", api=api)
+        bar = RecordingBar()
+        run_job(job_files.load(), progress=bar)
+    assert sum(bar.updates) == 40
+    assert len(bar.updates) >= 20  # one chunk, answered over many updates

@@ -378,7 +378,9 @@ class OpenAIBackend(ByteTokens, Backend):
                         await rpm.acquire()
                     if tpm:
                         await tpm.acquire(self.prompt_tokens(messages) + budget)
-                    return await self._with_retries(client, messages, request)
+                    done = await self._with_retries(client, messages, request)
+                    self.answered(1)
+                    return done
 
             tasks = [asyncio.ensure_future(one(m)) for m in conversations]
             try:

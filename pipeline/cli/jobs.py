@@ -173,13 +173,22 @@ def print_summary(s: dict, to_err: bool = True) -> None:
 @click.option(
     "--no-cache", is_flag=True, help="Write requests for texts the result cache already answers, too."
 )
+@job_options
 @domain_errors
-def export_cmd(job_file: str, out_dir: str, max_requests: int, max_mb: int, no_cache: bool) -> None:
+def export_cmd(
+    job_file: str,
+    out_dir: str,
+    max_requests: int,
+    max_mb: int,
+    no_cache: bool,
+    sets: tuple[str, ...],
+    date: str | None,
+) -> None:
     """Write the requests a job still needs as batch JSONL (OpenAI Batch API, vllm run-batch)."""
     from pipeline.batchfiles import export_job
     from pipeline.config import load_job
 
-    job = load_job(job_file)
+    job = load_job(job_file, sets=sets, date=date)
     if no_cache:
         job = job.model_copy(update={"cache": job.cache.model_copy(update={"enabled": False})})
     result = export_job(job, out_dir, max_requests, max_mb * 1024 * 1024)
@@ -207,13 +216,16 @@ def export_cmd(job_file: str, out_dir: str, max_requests: int, max_mb: int, no_c
     help="Discard this run folder's parts first (after a job change); a row the files leave without "
     "an answer keeps the one it held for the same rows and answers.",
 )
+@job_options
 @domain_errors
-def import_cmd(job_file: str, results: tuple[str, ...], restart: bool) -> None:
+def import_cmd(
+    job_file: str, results: tuple[str, ...], restart: bool, sets: tuple[str, ...], date: str | None
+) -> None:
     """Read batch result JSONL files into the job's run folder, as if the job had run."""
     from pipeline.batchfiles import import_job
     from pipeline.config import load_job
 
-    summary = import_job(load_job(job_file), list(results), restart=restart)
+    summary = import_job(load_job(job_file, sets=sets, date=date), list(results), restart=restart)
     done = summary["import"]
     echo(
         f"imported {done['imported_answers']} answers ({done['answers_used']} used); "
