@@ -121,7 +121,7 @@ def _manifest(job, task, backend_class, prompt, model, files, chunks, text_cols,
     weights = model_fingerprint(model)
     answers_spec = task.describe()
     settings = job.backend_settings
-    identity = backend_class.identity(settings)
+    identity = backend_class.identity(settings, task.request())
     components = {
         "input": digest([f.identity for f in files]),
         "rows": digest([text_cols, job.text_template, job.id_column, job.keep_columns]),

@@ -188,6 +188,7 @@ def run_plan(
                     backend = stack.enter_context(make_backend(plan))
                 else:
                     check_backend(plan, backend)
+                budget = text_budget(plan, backend)  # a prompt that can't fit stops before any model loads
                 if source is None and not job.cache.enabled:
                     backend.start()  # no earlier run's answers to use: fail early if it can't start
                 own_store = store is None
@@ -208,7 +209,7 @@ def run_plan(
                 given = None if isinstance(progress, bool) else progress
                 bar = stack.enter_context(_Progress(plan.rows, done_rows, bool(progress), backend, given))
                 answers = source or BackendSource(backend, bar.within if bar.enabled else None)
-                pipeline = ChunkPipeline(plan, backend, text_budget(plan, backend), store, answers)
+                pipeline = ChunkPipeline(plan, backend, budget, store, answers)
                 totals = status_totals(finished.values())
                 store_id = getattr(store, "store_id", None)
                 for item, out, stats, seconds in labelled_chunks(pipeline, folder, work, bar.begin):

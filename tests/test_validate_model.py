@@ -183,6 +183,20 @@ def test_compact_json_changes_the_job_fingerprint(make_job) -> None:
     assert plan(compact_json=True).components["engine"] == compact.components["engine"]
 
 
+@needs_checkpoint
+def test_compact_json_leaves_a_single_label_job_as_it_was(make_job) -> None:
+    from pipeline.plan import plan_job
+
+    def plan(**engine):
+        job = make_job(
+            default_table(3), backend="vllm", model=str(CHECKPOINT), engine={"dtype": "float32", **engine}
+        )
+        return plan_job(load_job(job.path)).manifest
+
+    # a label is no JSON: the setting changes nothing a single-label job gets back
+    assert plan().components["engine"] == plan(compact_json=False).components["engine"]
+
+
 def test_a_structured_outputs_backend_that_cant_be_compact_is_refused(make_job) -> None:
     job = make_job(
         backend="vllm", model=str(CHECKPOINT), engine={"structured_outputs_config": {"backend": "outlines"}}

