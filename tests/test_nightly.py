@@ -115,3 +115,11 @@ def test_set_reaches_into_sections_and_reads_yaml(tmp_path):
     assert load_job(NIGHTLY, sets=["output=~/runs/{job}"]).output == str(
         Path.home() / "runs" / "keywords-nightly"
     )
+
+
+def test_validate_shows_the_night_s_folder(nights):
+    _export(nights / "export.parquet", 30)
+    args = ["validate", str(NIGHTLY), "--date", "2026-12-24", "--set", f"input={nights / 'export.parquet'}"]
+    result = CliRunner().invoke(main, [*args, "--set", "backend=fake", "--set", "model=fake"])
+    assert result.exit_code == 0, result.output
+    assert "output  out/keywords-nightly/2026-12-24" in result.output

@@ -45,8 +45,9 @@ def run(
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--rows", default=3, show_default=True, help="How many prompts to render.")
+@job_options
 @domain_errors
-def validate(job_file: str, rows: int) -> None:
+def validate(job_file: str, rows: int, sets: tuple[str, ...], date: str | None) -> None:
     """Check a job without loading a model: inputs, labels, prompt, model, token counts."""
     from pipeline.config import load_job
     from pipeline.errors import BackendUnavailableError
@@ -54,7 +55,7 @@ def validate(job_file: str, rows: int) -> None:
     from pipeline.plan import make_backend, plan_job, text_budget
     from pipeline.text import row_texts
 
-    plan = plan_job(load_job(job_file))
+    plan = plan_job(load_job(job_file, sets=sets, date=date))
     job = plan.job
     backend = make_backend(plan)
     # Refused before "ok", as run would die on them before its first answer: a model whose
@@ -71,6 +72,7 @@ def validate(job_file: str, rows: int) -> None:
     echo(f"job {job_file}: ok")
     chunks = f"{len(plan.chunks)} chunk(s) of <= {job.chunk_rows}"
     echo(f"  input   {len(plan.files)} file(s), {plan.rows} rows, {chunks}")
+    echo(f"  output  {job.output}")
     echo(f"  task    {job.task}")
     for heading, text in plan.task.lines():
         echo(f"  {heading:7} {text}")
