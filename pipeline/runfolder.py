@@ -208,30 +208,26 @@ class RunFolder:
 
     def _prepare(self, manifest: Manifest, job_yaml: str, restart: bool, restart_on: frozenset[str]) -> None:
         self.width = part_width(manifest.chunks)
-        if not restart and restart_on:
-            try:
-                old = self.manifest()
-            except RunStateError:
-                old = None
-            if old is not None and old.fingerprint != manifest.fingerprint:
-                changed = _changed(old.components, manifest.components)
-                if changed and set(changed) <= restart_on:
-                    log.warning(
-                        "%s: %s changed since this run folder was started: labelling it again from "
-                        "the start (the result cache answers the texts it has seen)",
-                        self.root, ", ".join(changed),
-                        extra=logs.fields("restart_on_change", changed=changed),
-                    )  # fmt: skip
-                    restart = True
+        try:
+            old = self.manifest()
+        except RunStateError:
+            old = _DAMAGED
+        if not restart and isinstance(old, Manifest) and old.fingerprint != manifest.fingerprint:
+            changed = _changed(old.components, manifest.components)
+            if changed and set(changed) <= restart_on:
+                log.warning(
+                    "%s: %s changed since this run folder was started: labelling it again from "
+                    "the start (the result cache answers the texts it has seen)",
+                    self.root, ", ".join(changed),
+                    extra=logs.fields("restart_on_change", changed=changed),
+                )  # fmt: skip
+                restart = True
         if restart:
             for path in (self.parts, self.markers, self.answers):
                 shutil.rmtree(path, ignore_errors=True)
             for path in (self.manifest_path, self.summary_path):
                 path.unlink(missing_ok=True)
-        try:
-            old = self.manifest()
-        except RunStateError:
-            old = _DAMAGED
+            old = None
         markers = self._markers()
         if old is None or old is _DAMAGED:
             foreign = {}

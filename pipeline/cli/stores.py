@@ -24,16 +24,11 @@ def cache_info(job_file: str | None, root: str | None, as_json: bool) -> None:
     from datetime import datetime, timezone
 
     from pipeline.cache import describe_stores
-    from pipeline.models import labelmill_home
 
-    namespace = None
-    if job_file:
-        namespace, job_root = _job_namespace(job_file)
-        root = root or str(job_root)
-    root = root or str(labelmill_home() / "cache")
+    namespace, root = _where(job_file, root)
     stores = [s for s in describe_stores(root) if namespace in (None, s["namespace"])]
     if as_json:
-        click.echo(json.dumps({"path": root, "jobs": stores}, indent=2, ensure_ascii=False))
+        click.echo(json.dumps({"path": str(root), "jobs": stores}, indent=2, ensure_ascii=False))
         return
     total = sum(s["bytes"] for s in stores)
     click.echo(f"{root}: {sum(s['entries'] for s in stores)} answers, {total / 1e6:.1f} MB")
