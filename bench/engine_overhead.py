@@ -54,6 +54,7 @@ def write_job(work: Path, items: int, run: int) -> Path:
         "prompt": str(REPO / shipped["prompt"]), "model": MODEL, "backend": "vllm",
         "engine": shipped["engine"], "chunk_rows": max(items, 1),
         "cache": {"enabled": False}, "dedupe": {"enabled": False},
+        "decoding": "constrained",  # as the bare loop decodes: the same requests both ways
     }  # fmt: skip
     job_file = work / f"job-{run}.yaml"
     job_file.write_text(yaml.safe_dump(job, sort_keys=False))

@@ -7,10 +7,14 @@ The model folder has the real Llama-3.1-8B config (32 layers, hidden 4096, FFN 1
 vocabulary 128256) and vLLM's ``load_format="dummy"`` random weights, so no download is needed;
 the tokenizer is SmolLM2's (from the ``smollm2-135m`` checkpoint: ``labelmill models fetch
 smollm2-135m``), whose ids all lie below 128256. Every item shares a ~1,000-token prefix
-(instructions and a 10-label list) and adds ~25 tokens of its own, like a keyword job. Both paths
-send the same conversations with the same label-constrained greedy sampling; the ratio of their
-items/s is the pipeline's overhead. ``--reduced`` swaps in a 2-layer toy of the same architecture
-for CPUs, so the script runs in the test suite and cannot rot; its numbers mean nothing.
+(instructions and a 10-label list) and adds ~25 tokens of its own, like a keyword job. labelmill
+runs the job twice, with ``decoding: constrained`` and ``decoding: score`` (each label scored in
+one decode step, see README "How confidence is computed"); the bare loop sends the same
+conversations with the same label-constrained greedy sampling as the first. Reported: the ratio of
+labelmill's constrained items/s to the bare loop's (the pipeline's overhead), and of score to
+constrained (what scoring saves), with each run's decode steps per item. ``--reduced`` swaps in a
+2-layer toy of the same architecture for CPUs, so the script runs in the test suite and cannot rot;
+its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -81,24 +85,29 @@ def engine_settings(reduced: bool) -> dict:
             "max_num_batched_tokens": 32768}  # fmt: skip
 
 
-def through_labelmill(work: Path, model: Path, prefix: str, texts: list[str], reduced: bool) -> dict:
+def through_labelmill(
+    work: Path, model: Path, prefix: str, texts: list[str], reduced: bool, decoding: str = "constrained"
+) -> dict:
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), work / "items.parquet")
     (work / "prompt.yaml").write_text(yaml.safe_dump({
         "task": "classify", "system": prefix + "\nLabels:\n{labels}\nAnswer with the label only.",
         "user": "Item: {text}",
     }))  # fmt: skip
     job = {
-        "input": str(work / "items.parquet"), "output": str(work / "run"), "id_column": "id",
+        "input": str(work / "items.parquet"), "output": str(work / f"run-{decoding}"), "id_column": "id",
         "text_column": "text", "labels": LABELS, "prompt": str(work / "prompt.yaml"), "model": str(model),
         "backend": "vllm", "engine": engine_settings(reduced), "chunk_rows": max(len(texts), 1),
-        "cache": {"enabled": False}, "dedupe": {"enabled": False},
+        "cache": {"enabled": False}, "dedupe": {"enabled": False}, "decoding": decoding,
     }  # fmt: skip
-    (work / "job.yaml").write_text(yaml.safe_dump(job))
+    job_file = work / f"job-{decoding}.yaml"
+    job_file.write_text(yaml.safe_dump(job))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(work / "job.yaml"), "--quiet"],
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job_file), "--quiet"],
                    cwd=REPO, check=True)  # fmt: skip
-    summary = json.loads((work / "run" / "summary.json").read_text())
+    summary = json.loads((work / f"run-{decoding}" / "summary.json").read_text())
     return {
+        "decoding": decoding,
+        "output_tokens_per_item": round(summary["output_tokens"] / max(summary["rows_done"], 1), 3),
         "items": summary["rows_done"],
         "labelling_seconds": summary["labelling_seconds"],
         "items_per_s": round(summary["rows_done"] / summary["labelling_seconds"], 2),
@@ -148,13 +157,16 @@ def main() -> None:
         model = model_dir(tmp / "model", args.reduced)
         prefix, texts = workload(args.items)
         pipeline = through_labelmill(tmp, model, prefix, texts, args.reduced)
+        scored = through_labelmill(tmp, model, prefix, texts, args.reduced, decoding="score")
         bare = bare_vllm(model, prefix, texts, args.reduced)
     figures = {
         "model": "Llama-3.1-8B shape, dummy weights" if not args.reduced else "2-layer toy (reduced)",
         "items": args.items,
         "labelmill": pipeline,
         "bare_vllm": bare,
+        "labelmill_score": scored,
         "ratio_labelmill_to_bare": round(pipeline["items_per_s"] / bare["items_per_s"], 3),
+        "ratio_score_to_constrained": round(scored["items_per_s"] / pipeline["items_per_s"], 3),
     }
     args.out.write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))

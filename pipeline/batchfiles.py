@@ -153,7 +153,7 @@ def export_job(
     """Write the requests the job still needs as batch files; returns what was written and why
     the other rows need none."""
     started = time.perf_counter()
-    plan = plan_job(job)
+    plan = plan_job(job, batch_files=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     folder = RunFolder(job.output)
@@ -316,7 +316,7 @@ def import_job(job: JobConfig, result_files: list[str], restart: bool = False) -
     """Turn batch result files into the job's run folder (parts, markers, summary). No row that
     held an answer before loses it (see the module docstring)."""
     started = time.perf_counter()
-    plan = plan_job(job)
+    plan = plan_job(job, batch_files=True)
     folder = RunFolder(job.output, len(plan.chunks))
     earlier = EarlierAnswers(folder, plan)
     with _batch_backend(plan) as backend:

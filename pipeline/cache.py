@@ -69,6 +69,8 @@ ENTRY_SCHEMA = pa.schema(
     + [f for f in ANSWER_SCHEMA if f.name != "error"]
 )
 """One stored answer: the key, the text sent, then the answer's fields (``retries`` stored as 0)."""
+_BEFORE_ALTERNATIVES = pa.schema([f for f in ENTRY_SCHEMA if f.name != "alternatives"])
+"""Files written before scored answers existed: read as if their ``alternatives`` were null."""
 _FILE_SCHEMA = ENTRY_SCHEMA.with_metadata({"labelmill.cache": "2"})
 """What files are written with: the metadata says every batch in the file carries a checksum."""
 _CRC = "labelmill.crc32"
@@ -362,7 +364,11 @@ def read_file(path: Path, check: bool = True) -> FileContents:
     except (pa.ArrowException, OSError, ValueError) as exc:
         contents.unreadable = f"not readable as an answer file ({_short(exc)})"
         return contents
-    if not reader.schema.equals(ENTRY_SCHEMA):
+    if reader.schema.equals(_BEFORE_ALTERNATIVES):
+        entries = _with_alternatives
+    elif reader.schema.equals(ENTRY_SCHEMA):
+        entries = _entries
+    else:
         contents.unreadable = "not an answer file (other columns)"
         return contents
     sealed = (reader.schema.metadata or {}).get(b"labelmill.cache") is not None
@@ -377,7 +383,7 @@ def read_file(path: Path, check: bool = True) -> FileContents:
             break
         number += 1
         if not check:
-            contents.batches.append((pa.Table.from_batches([batch], schema=ENTRY_SCHEMA), mapping))
+            contents.batches.append((entries(batch), mapping))
             continue
         stored = (meta or {}).get(_CRC.encode()) if meta is not None else None
         if stored is not None:
@@ -398,8 +404,17 @@ def read_file(path: Path, check: bool = True) -> FileContents:
                 contents.damaged.append((number, f"invalid ({_short(exc)})"))
                 continue
             contents.unsealed += 1
-        contents.batches.append((pa.Table.from_batches([batch], schema=ENTRY_SCHEMA), mapping))
+        contents.batches.append((entries(batch), mapping))
     return contents
+
+
+def _entries(batch: pa.RecordBatch) -> pa.Table:
+    return pa.Table.from_batches([batch], schema=ENTRY_SCHEMA)
+
+
+def _with_alternatives(batch: pa.RecordBatch) -> pa.Table:
+    alternatives = pa.nulls(batch.num_rows, ENTRY_SCHEMA.field("alternatives").type)
+    return pa.Table.from_batches([batch]).append_column(ENTRY_SCHEMA.field("alternatives"), alternatives)
 
 
 def _checksum(batch: pa.RecordBatch) -> str:

@@ -85,6 +85,10 @@ class Constraint:
             raise ValueError("a Constraint is either a choice or a JSON schema")
 
 
+GENERATE = "generate"
+SCORE = "score"
+
+
 @dataclass(frozen=True)
 class Request:
     """What the task asks of the backend for every text of a batch."""
@@ -93,6 +97,13 @@ class Request:
     max_tokens: int
     """Answer budget that no valid answer exceeds."""
     sampling: Sampling
+    decoding: str = GENERATE
+    """``generate``: the answer is decoded within the constraint. ``score`` (a ``choice``
+    constraint only): every choice is scored as a whole and the most probable one is the answer
+    (``pipeline/scoring.py``); no answer is spelled out token by token."""
+    alternatives: int = 0
+    """``score``: how many of the most probable choices come back with their probabilities
+    (``Completion.alternatives``); at least the answer itself."""
 
 
 @dataclass(frozen=True)
@@ -111,11 +122,17 @@ class Completion:
     error: str | None = None
     """Why no answer came (after retries); the row gets status ``error`` and is retried on rerun."""
     retries: int = 0
+    alternatives: tuple[tuple[str, float], ...] | None = None
+    """Scored answers (``Request.decoding`` ``score``): the most probable choices with their
+    log-probabilities, normalised over the choices, most probable first; None otherwise."""
 
     @classmethod
     def failed(cls, reason: str, retries: int = 0) -> Completion:
         return cls("", None, 0, 0, None, error=reason, retries=retries)
 
+
+ALTERNATIVES_TYPE = pa.list_(pa.struct([pa.field("text", pa.string()), pa.field("logprob", pa.float64())]))
+"""Scored answers' alternatives as a column: a list of (text, logprob) per answer."""
 
 ANSWER_SCHEMA = pa.schema(
     [
@@ -127,6 +144,7 @@ ANSWER_SCHEMA = pa.schema(
         pa.field("cached_tokens", pa.int32()),
         pa.field("error", pa.string()),
         pa.field("retries", pa.int32()),
+        pa.field("alternatives", ALTERNATIVES_TYPE),
     ]
 )
 """Answers as columns, one row per request: the fields of :class:`Completion`, in its order."""
@@ -134,7 +152,12 @@ ANSWER_SCHEMA = pa.schema(
 
 def answers_table(completions: list[Completion]) -> pa.Table:
     """Completions as an answers table (``ANSWER_SCHEMA``)."""
-    columns = list(zip(*(astuple(c) for c in completions), strict=True)) or [()] * len(ANSWER_SCHEMA)
+    columns = [list(col) for col in zip(*(astuple(c) for c in completions), strict=True)]
+    columns = columns or [[] for _ in ANSWER_SCHEMA]
+    last = len(ANSWER_SCHEMA) - 1  # alternatives: pairs as structs
+    columns[last] = [
+        None if alts is None else [{"text": t, "logprob": lp} for t, lp in alts] for alts in columns[last]
+    ]
     return pa.Table.from_arrays(
         [pa.array(col, f.type) for col, f in zip(columns, ANSWER_SCHEMA, strict=True)], schema=ANSWER_SCHEMA
     )
@@ -143,7 +166,11 @@ def answers_table(completions: list[Completion]) -> pa.Table:
 def table_completions(answers: pa.Table) -> list[Completion]:
     """An answers table back as Completion objects (for code that handles one answer at a time)."""
     names = [f.name for f in fields(Completion)]
-    return [Completion(**row) for row in answers.select(names).to_pylist()]
+    rows = answers.select(names).to_pylist()
+    for row in rows:
+        alts = row["alternatives"]
+        row["alternatives"] = None if alts is None else tuple((a["text"], a["logprob"]) for a in alts)
+    return [Completion(**row) for row in rows]
 
 
 COMMON_FIELDS = [

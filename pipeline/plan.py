@@ -78,11 +78,18 @@ class Plan:
         return digest(parts)
 
 
-def plan_job(job: JobConfig, check_id_values: bool = True) -> Plan:
-    """Everything that can be checked without a model; raises a LabelmillError on the first problem."""
+def plan_job(job: JobConfig, check_id_values: bool = True, batch_files: bool = False) -> Plan:
+    """Everything that can be checked without a model; raises a LabelmillError on the first problem.
+    ``batch_files``: the answers go through batch request files (``export``/``import``), which
+    carry generated answers only."""
     files = open_inputs(job.input, labelmill_home() / "inputs")
     task = plugins.task_class(job.task)(job.task_settings, job.sampling)
     backend_class = plugins.backend_class(job.backend)
+    task.use_backend(
+        "batch files carry generated answers"
+        if batch_files
+        else backend_class.cannot_score(job.backend_settings)
+    )
     prompt = render(job.prompt, task, job.prompt_vars)
     model = resolve_model(job.model) if backend_class.loads_weights else job.model
     text_cols = text_columns(job.text_column, job.text_template)

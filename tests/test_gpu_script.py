@@ -30,3 +30,8 @@ def test_reduced_gpu_script_measures_both_paths(tmp_path):
     assert figures["labelmill"]["items"] == figures["bare_vllm"]["items"] == 16
     assert figures["labelmill"]["ok"] == 16 and figures["bare_vllm"]["ok"] == 16
     assert figures["ratio_labelmill_to_bare"] > 0
+    scored = figures["labelmill_score"]
+    assert scored["decoding"] == "score" and scored["items"] == scored["ok"] == 16
+    assert scored["output_tokens_per_item"] == 1.0  # ten labels, one decode step each row
+    assert figures["labelmill"]["output_tokens_per_item"] > 1.0  # the constrained run spells them out
+    assert figures["ratio_score_to_constrained"] > 0

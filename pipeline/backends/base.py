@@ -9,17 +9,22 @@ each call as a :class:`~pipeline.contracts.Request` (constraint, answer budget, 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline.contracts import ANSWER_SCHEMA, Completion, Messages, Options, Request, answers_table
+from pipeline.contracts import ANSWER_SCHEMA, SCORE, Completion, Messages, Options, Request, answers_table
+from pipeline.scoring import LabelTrie
 
 if TYPE_CHECKING:
     import polars as pl
 
     from pipeline.prompts import RenderedPrompt
+
+
+_TRIES_KEPT = 4096
+"""Label sets whose trie a backend keeps (rows with their own candidates repeat sets often)."""
 
 
 class NoSettings(Options):
@@ -105,10 +110,50 @@ class Backend(ABC):
         """Answer ``prompt`` filled with each of ``texts``; an answers table (``ANSWER_SCHEMA``),
         one row per text, in order. This is what the pipeline calls: a backend whose cost per
         answer is tiny (the test double) answers whole columns at once here; the others answer
-        through ``complete``."""
+        through ``complete``, or ``score`` when the request says so."""
         if not len(texts):
             return ANSWER_SCHEMA.empty_table()
-        return answers_table(self.complete([prompt.messages(t) for t in texts], request))
+        conversations = [prompt.messages(t) for t in texts]
+        if request.decoding == SCORE:
+            return answers_table(self.score(conversations, request))
+        return answers_table(self.complete(conversations, request))
+
+    # Scoring a label set (``decoding: score``, see ``pipeline/scoring.py``).
+
+    @classmethod
+    def cannot_score(cls, settings: Options) -> str | None:
+        """Why this backend, with these settings, can't score a label set; None if it can."""
+        return f"the {cls.name} backend can't score a label set"
+
+    def score(
+        self,
+        conversations: list[Messages],
+        request: Request,
+        choices: Sequence[tuple[str, ...]] | None = None,
+    ) -> list[Completion]:
+        """The most probable of the choices for each conversation, scored (``pipeline/scoring.py``),
+        with ``request.alternatives`` of them in ``Completion.alternatives``. ``choices``: each
+        conversation's own label set; None: ``request.constraint.choice`` for all."""
+        raise NotImplementedError(f"the {self.name} backend can't score a label set")
+
+    def label_trie(self, labels: tuple[str, ...], messages: Messages) -> LabelTrie:
+        """The token trie of ``labels`` as this model writes them after the chat template's opening
+        of the answer (``messages``: any conversation of the job); built once per label set."""
+        tries = self.__dict__.setdefault("_tries", {})
+        trie = tries.get(labels)
+        if trie is None:
+            if len(tries) >= _TRIES_KEPT:
+                tries.pop(next(iter(tries)))
+            trie = tries[labels] = LabelTrie(labels, self.label_paths(labels, messages), self.end_tokens())
+        return trie
+
+    def label_paths(self, labels: Sequence[str], messages: Messages) -> list[list[int]]:
+        """Each label's canonical token ids as the answer (backends that can score)."""
+        raise NotImplementedError
+
+    def end_tokens(self) -> list[int]:
+        """The token ids that end an answer (backends that can score)."""
+        raise NotImplementedError
 
     # Batch files (labelmill export / import). A backend that can say what one request looks like
     # on the wire, and read an answer back, can have a job's requests written to files and sent

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -21,7 +22,9 @@ from pydantic import Field
 
 from pipeline.backends.base import Backend, ByteTokens
 from pipeline.contracts import (
+    ALTERNATIVES_TYPE,
     ANSWER_SCHEMA,
+    SCORE,
     Completion,
     Constraint,
     Messages,
@@ -56,10 +59,58 @@ class FakeBackend(ByteTokens, Backend):
     def max_model_len(self) -> int | None:
         return self.settings.max_model_len
 
+    @classmethod
+    def cannot_score(cls, settings: FakeSettings) -> str | None:
+        return None
+
     def answer(self, prompt, texts: pl.Series, request: Request) -> pa.Table:
         users = prompt.user_messages(texts)
         other = self._tokens(prompt.system) + 4 + 4  # the system message, and the user message's own 4
+        if request.decoding == SCORE:
+            return self._scores(users, np.full(len(users), other), request)
         return self._answers(users, np.full(len(users), other), request.constraint)
+
+    def score(self, conversations: list[Messages], request: Request, choices=None) -> list[Completion]:
+        if choices is not None:  # each row its own label set: one at a time
+            return [
+                self.score([c], replace(request, constraint=Constraint(choice=tuple(x))))[0]
+                for c, x in zip(conversations, choices, strict=True)
+            ]
+        users = pl.Series([c[-1]["content"] for c in conversations], dtype=pl.String)
+        other = [sum(self._tokens(m["content"]) + 4 for m in c[:-1]) + 4 for c in conversations]
+        return table_completions(self._scores(users, np.array(other, dtype=np.int64), request))
+
+    def _scores(self, users: pl.Series, other_tokens: np.ndarray, request: Request) -> pa.Table:
+        """A probability for every label from hashes of the row and the label, softmax-normalised:
+        as a model's scores would be, they sum to 1 over the set."""
+        self.answered(len(users))
+        labels = request.constraint.choice
+        digest = users.hash(seed=_SEED).to_numpy()
+        salt = pl.Series(labels, dtype=pl.String).hash(seed=_SEED + 1).to_numpy()
+        mixed = (digest[:, None] ^ salt[None, :]) * np.uint64(0x9E3779B97F4A7C15)
+        logits = ((mixed >> np.uint64(40)) % np.uint64(1000)).astype(np.float64) / 200
+        logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        order = np.argsort(-logprobs, axis=1, kind="stable")[:, : max(1, request.alternatives)]
+        picked = np.take_along_axis(logprobs, order, axis=1)
+        n = len(users)
+        alternatives = [
+            [{"text": labels[j], "logprob": float(lp)} for j, lp in zip(o, p, strict=True)]
+            for o, p in zip(order, picked, strict=True)
+        ]
+        columns = {
+            "text": pa.array([labels[o[0]] for o in order], pa.string()),
+            "logprob": picked[:, 0],
+            "prompt_tokens": other_tokens + -(-users.str.len_bytes().to_numpy().astype(np.int64) // 4),
+            "output_tokens": np.ones(n, dtype=np.int32),
+            "finish_reason": pa.array(["stop"] * n, pa.string()),
+            "cached_tokens": pa.nulls(n, pa.int32()),
+            "error": pa.nulls(n, pa.string()),
+            "retries": np.zeros(n, dtype=np.int32),
+            "alternatives": pa.array(alternatives, ALTERNATIVES_TYPE),
+        }
+        return pa.Table.from_arrays(
+            [pa.array(columns[f.name], f.type) for f in ANSWER_SCHEMA], schema=ANSWER_SCHEMA
+        )
 
     def complete(self, conversations: list[Messages], request: Request) -> list[Completion]:
         users = pl.Series([c[-1]["content"] for c in conversations], dtype=pl.String)
@@ -101,6 +152,7 @@ class FakeBackend(ByteTokens, Backend):
             "cached_tokens": pa.nulls(n, pa.int32()),
             "error": pa.nulls(n, pa.string()),
             "retries": np.zeros(n, dtype=np.int32),
+            "alternatives": pa.nulls(n, ALTERNATIVES_TYPE),
         }
         return pa.Table.from_arrays(
             [pa.array(columns[f.name], f.type) for f in ANSWER_SCHEMA], schema=ANSWER_SCHEMA

@@ -21,12 +21,13 @@ import importlib.util
 import io
 import os
 import time
+from collections.abc import Sequence
 from functools import cache, cached_property
 from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from pipeline import logs
+from pipeline import logs, scoring
 from pipeline.backends import chat_api
 from pipeline.backends.base import Backend
 from pipeline.contracts import Completion, Messages, Options, Request
@@ -48,6 +49,7 @@ _RESERVED = {
     "logprobs_mode": "labelmill sets processed_logprobs, which its confidences are defined by",
     "hf_token": "a token never goes in a job file; set HF_TOKEN in the environment",
 }
+_SCORE_LOGPROBS = 1024
 # vLLM's structured-output backends that can forbid whitespace in JSON (the others refuse the flag).
 _COMPACT_BACKENDS = ("xgrammar", "guidance")
 
@@ -194,6 +196,7 @@ class VllmBackend(Backend):
     batch_url = chat_api.URL
 
     _llm = None
+    _logprobs_needed = 0
 
     @classmethod
     def identity(cls, settings: EngineSettings, request: Request | None = None) -> dict[str, Any]:
@@ -250,6 +253,11 @@ class VllmBackend(Backend):
         log.info("starting vLLM with %s ...", self.model)
         t0 = time.perf_counter()
         kwargs = {"model": self.model, **self.engine.engine_kwargs(), "logprobs_mode": "processed_logprobs"}
+        if "max_logprobs" not in kwargs:
+            # scoring asks for the log-probability of every token a label set allows at a step;
+            # the cap only bounds what a request may ask (vLLM allocates nothing by it), so it is
+            # set with room for later label sets of the run (rows with their own candidates)
+            kwargs["max_logprobs"] = max(_SCORE_LOGPROBS, self._logprobs_needed)
         try:
             self._llm = LLM(**kwargs)
         except Exception as exc:  # vLLM raises many types at start-up; all mean "no engine"
@@ -381,6 +389,134 @@ class VllmBackend(Backend):
                 )
             )
         return results
+
+    # Scoring a label set (``decoding: score``): see ``pipeline/scoring.py``.
+
+    @classmethod
+    def cannot_score(cls, settings: EngineSettings) -> str | None:
+        return None
+
+    def label_paths(self, labels: Sequence[str], messages: Messages) -> list[list[int]]:
+        """Each label's tokens as the chat template writes it as the assistant's answer: the ids
+        between the prompt (with the template's opening of the answer) and the end of the turn.
+        The same text can be other tokens elsewhere: a leading-space token after a template that
+        opens the answer with ``Assistant:``, a newline token first after one that opens it
+        without the newline. A template that writes the answer in another way (it does not start
+        with the prompt's ids) gets the label's tokens on their own."""
+        tokenizer = self._tokenizer
+        probe: Messages = [{"role": "user", "content": "x"}]
+        try:
+            opening = self._template_ids(probe, generation=True)
+        except Exception:  # a template that wants the job's own roles (a system message first)
+            probe = [dict(m) for m in messages]
+            opening = self._template_ids(probe, generation=True)
+        ends = set(self.end_tokens())
+        paths = []
+        for label in labels:
+            ids = self._template_ids([*probe, {"role": "assistant", "content": label}], generation=False)
+            path: list[int] = []
+            if ids[: len(opening)] == opening:
+                for token in ids[len(opening) :]:
+                    if token in ends:
+                        break
+                    path.append(token)
+            if not path or tokenizer.decode(path).strip() != label:
+                path = tokenizer(label, add_special_tokens=False)["input_ids"]
+            paths.append(path)
+        return paths
+
+    def _template_ids(self, messages: Messages, generation: bool) -> list[int]:
+        ids = self._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    @cached_property
+    def _end_ids(self) -> list[int]:
+        ends = []
+        try:
+            from transformers import GenerationConfig
+
+            generation = GenerationConfig.from_pretrained(self.model, local_files_only=True)
+            found = generation.eos_token_id
+            ends += found if isinstance(found, list) else [found] if found is not None else []
+        except (OSError, ImportError, ValueError):  # no generation_config.json: the tokenizer's
+            pass
+        if self._tokenizer.eos_token_id is not None:
+            ends.append(self._tokenizer.eos_token_id)
+        return list(dict.fromkeys(ends))
+
+    def end_tokens(self) -> list[int]:
+        return self._end_ids
+
+    def score(
+        self,
+        conversations: list[Messages],
+        request: Request,
+        choices: Sequence[tuple[str, ...]] | None = None,
+    ) -> list[Completion]:
+        if not conversations:
+            return []
+        labels = request.constraint.choice
+        if choices is None and labels is None:
+            raise ValueError("scoring needs a choice constraint or per-row choices")
+        tries = (
+            [self.label_trie(tuple(c), conversations[0]) for c in choices]
+            if choices is not None
+            else [self.label_trie(tuple(labels), conversations[0])] * len(conversations)
+        )
+        self._logprobs_needed = max(trie.width for trie in {id(t): t for t in tries}.values())
+        self.start()
+        limit = self._llm.llm_engine.model_config.max_logprobs
+        if 0 <= limit < self._logprobs_needed:
+            raise BackendError(
+                f"a label set needs {self._logprobs_needed} log-probabilities per step, and the "
+                f"engine started with max_logprobs={limit}",
+                hint=f"set engine.max_logprobs: {self._logprobs_needed} (or more) in the job",
+            )
+        from vllm import SamplingParams
+
+        searches = [scoring.Search(trie, request.alternatives) for trie in tries]
+        prompts = [self._template_ids(c, generation=True) for c in conversations]
+        first: list[tuple[int, int | None]] = [(len(p), None) for p in prompts]
+        opening = [True] * len(conversations)
+
+        def ask(requests: list[tuple[int, scoring.Node]]) -> list[dict[int, float]]:
+            # greedy: the model's own log-probabilities; the mask only renormalises them over the
+            # allowed tokens (processed_logprobs)
+            sampling = []
+            for row, node in requests:
+                allowed = tries[row].allowed(node)
+                sampling.append(
+                    SamplingParams(
+                        temperature=0.0, max_tokens=1, allowed_token_ids=allowed, logprobs=len(allowed)
+                    )
+                )
+            token_prompts = [{"prompt_token_ids": prompts[row] + list(node.prefix)} for row, node in requests]
+            counting = any(opening[row] for row, _ in requests) and self.on_answers is not None
+            try:
+                outputs = self._llm.generate(
+                    token_prompts, sampling, use_tqdm=_answer_counter(self) if counting else False
+                )
+            except Exception as exc:  # engine died or refused the batch: the chunk is not marked done
+                raise BackendError(
+                    f"vLLM failed scoring {len(requests)} prompts: {type(exc).__name__}: {exc}",
+                    hint="finished chunks are kept; fix the cause and rerun the same command to resume",
+                ) from exc
+            if len(outputs) != len(requests):
+                raise BackendError(f"vLLM returned {len(outputs)} answers for {len(requests)} prompts")
+            found = []
+            for (row, _), out in zip(requests, outputs, strict=True):
+                if opening[row]:
+                    opening[row] = False
+                    first[row] = (first[row][0], getattr(out, "num_cached_tokens", None))
+                step = out.outputs[0].logprobs[0] if out.outputs[0].logprobs else {}
+                found.append({token: lp.logprob for token, lp in step.items()})
+            return found
+
+        scoring.search_all(searches, ask)
+        return [
+            scoring.answer(search, tokens, cached)
+            for search, (tokens, cached) in zip(searches, first, strict=True)
+        ]
 
     def version(self) -> str:
         try:

@@ -50,6 +50,7 @@ def run(
 def validate(job_file: str, rows: int, sets: tuple[str, ...], date: str | None) -> None:
     """Check a job without loading a model: inputs, labels, prompt, model, token counts."""
     from pipeline.config import load_job
+    from pipeline.contracts import SCORE
     from pipeline.errors import BackendUnavailableError
     from pipeline.io import read_chunk
     from pipeline.plan import make_backend, plan_job, text_budget
@@ -82,7 +83,11 @@ def validate(job_file: str, rows: int, sets: tuple[str, ...], date: str | None) 
     unused = [name for name in unused if name != plan.backend_class.section]
     if unused:
         echo(f"  note    section(s) {', '.join(unused)} belong to other backends: not used by {job.backend}")
-    echo(f"  answer  at most {plan.request.max_tokens} tokens")
+    request = plan.request
+    if request.decoding == SCORE and backend is not None and plan.backend_class.loads_weights:
+        echo(_trie_line(backend.label_trie(request.constraint.choice, plan.prompt.messages(""))))
+    else:
+        echo(f"  answer  at most {request.max_tokens} tokens")
     for line in counted:
         echo(line)
     if not plan.chunks:
@@ -96,6 +101,21 @@ def validate(job_file: str, rows: int, sets: tuple[str, ...], date: str | None) 
         count = f"{backend.prompt_tokens(messages)} tokens" if backend else "tokens not counted"
         click.echo(f"--- prompt {n} ({count}) ---")
         click.echo(shown if isinstance(shown, str) else json.dumps(shown, ensure_ascii=False, indent=2))
+
+
+def _trie_line(trie) -> str:
+    """How many decode steps scoring takes: the trie's depth, and which rows each later step asks."""
+    steps = trie.steps()
+    first = len(trie.skip(trie.root).children)
+    line = f"  answer  scored in at most {len(steps)} step(s); step 1 asks every row ({first} first tokens"
+    line += f" for {len(trie.labels)} labels)"
+    if len(steps) > 1:
+        deep = ", ".join(str(n) for n in steps[1:])
+        line += (
+            f"; steps 2-{len(steps)} ask only rows whose likeliest prefix is shared by several labels "
+            f"(at worst every row; labels that deep: {deep})"
+        )
+    return line
 
 
 @main.command()

@@ -93,6 +93,9 @@ class Task(ABC):
     def max_tokens(self) -> int:
         """Answer budget that no valid answer can exceed (``sampling.max_tokens`` overrides)."""
 
+    def use_backend(self, cannot_score: str | None) -> None:  # noqa: B027 - optional hook
+        """Told, once the backend is known, why it can't score a label set (None: it can)."""
+
     def request(self) -> Request:
         """What the backend is asked for each text: the constraint, the budget and the decoding."""
         return Request(self.constraint(), self.max_tokens(), self.sampling)

@@ -1,8 +1,13 @@
 """Task ``classify``: one label per row, or up to ``labels_max`` labels (multi-label).
 
-Single label: the backend is asked for one of the labels (a ``choice`` constraint); the answer is
-checked against the set again here, because a constraint cut short by ``max_tokens`` yields a
-prefix of a label, not a label. Confidence is ``exp(logprob)`` of the constrained answer.
+Single label, ``decoding: score`` (the default where the backend can): every label is scored and
+the most probable is the answer (``pipeline/scoring.py``); confidence is its probability over the
+label set, and ``label_probs`` (when asked for) the most probable labels with theirs.
+
+Single label, ``decoding: constrained``: the backend is asked for one of the labels (a ``choice``
+constraint); the answer is checked against the set again here, because a constraint cut short by
+``max_tokens`` yields a prefix of a label, not a label. Confidence is ``exp(logprob)`` of the
+constrained answer.
 
 Multi-label: the answer is JSON ``{"labels": [...]}`` constrained by a schema (each item one of the
 labels, 1 to ``labels_max`` items). ``label`` holds the first, ``labels`` all of them (repeats
@@ -13,15 +18,19 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Literal
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipeline.contracts import Completion, Constraint, Options, Sampling, Status
+from pipeline.contracts import GENERATE, SCORE, Completion, Constraint, Options, Request, Sampling, Status
+from pipeline.errors import ConfigError
 from pipeline.labels import load_labels
 from pipeline.tasks.base import TRUNCATED_NOTE, RowResult, Task
+
+LABEL_PROBS_TYPE = pa.list_(pa.struct([pa.field("label", pa.string()), pa.field("prob", pa.float64())]))
 
 
 class ClassifySettings(Options):
@@ -36,6 +45,15 @@ class ClassifySettings(Options):
     """For taxonomy files: keep categories at most this deep (1 = top level only)."""
     labels_max: int | None = Field(default=None, ge=2)
     """Multi-label classification: up to this many labels per row (output column ``labels``)."""
+    decoding: Literal["auto", "score", "constrained"] = "auto"
+    """How a single label is picked. ``score``: every label is scored in one decode step, or a
+    few where labels share their first tokens, and the most probable one is the answer (see
+    README, "How confidence is computed"). ``constrained``: the answer is generated token by token
+    within the label set. ``auto``: ``score`` where it applies (single label, greedy sampling, a
+    backend that can score), else ``constrained``; ``labelmill validate`` says which and why."""
+    label_probs: int = Field(default=0, ge=0)
+    """With ``score``: an output column ``label_probs`` with this many of the most probable labels
+    and their probabilities (list of ``{label, prob}``, most probable first). 0: no column."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ClassifySettings:
@@ -43,6 +61,12 @@ class ClassifySettings(Options):
             raise ValueError("give exactly one of 'labels' or 'labels_file'")
         if self.labels_max_depth is not None and self.labels_file is None:
             raise ValueError("'labels_max_depth' applies to 'labels_file' only")
+        if self.labels_max and self.decoding == "score":
+            raise ValueError("decoding: score picks one label; multi-label (labels_max) is constrained")
+        if self.labels_max and self.label_probs:
+            raise ValueError("'label_probs' applies to single-label classification (without labels_max)")
+        if self.decoding == "constrained" and self.label_probs:
+            raise ValueError("'label_probs' needs decoding: score (or auto)")
         return self
 
 
@@ -58,6 +82,36 @@ class ClassifyTask(Task):
         self.labels_max = settings.labels_max if settings.labels_max and settings.labels_max > 1 else None
         self._max_tokens = self.sampling.max_tokens
         self._label_set = set(self.labels)
+        self.label_probs = settings.label_probs
+        self.decoding = SCORE if settings.decoding != "constrained" and not self.labels_max else GENERATE
+        self.decoding_note: str | None = None
+        """Why ``auto`` chose constrained decoding, when it did."""
+        if self.decoding == SCORE and self.sampling.temperature > 0:
+            self._no_scoring("temperature > 0 samples the answer token by token")
+
+    def use_backend(self, cannot_score: str | None) -> None:
+        """Settle ``decoding: auto`` once the backend is known: ``cannot_score`` is why it can't
+        score a label set (None: it can)."""
+        if self.decoding == SCORE and cannot_score:
+            self._no_scoring(cannot_score)
+
+    def _no_scoring(self, reason: str) -> None:
+        if self.settings.decoding == "score":
+            raise ConfigError(
+                f"decoding: score can't be used here: {reason}", hint="use decoding: constrained"
+            )
+        if self.label_probs:
+            raise ConfigError(f"label_probs needs scored labels, and {reason}", hint="leave label_probs out")
+        self.decoding, self.decoding_note = GENERATE, reason
+
+    @property
+    def scored(self) -> bool:
+        return self.decoding == SCORE
+
+    def request(self) -> Request:
+        if not self.scored:
+            return super().request()
+        return Request(self.constraint(), self.max_tokens(), self.sampling, SCORE, max(1, self.label_probs))
 
     @property
     def single_label(self) -> bool:
@@ -66,13 +120,21 @@ class ClassifyTask(Task):
     def lines(self) -> list[tuple[str, str]]:
         shown = ", ".join(self.labels[:8]) + (" ..." if len(self.labels) > 8 else "")
         kind = f", up to {self.labels_max} per row" if self.labels_max else ""
-        return [("labels", f"{len(self.labels)}{kind}: {shown}")]
+        lines = [("labels", f"{len(self.labels)}{kind}: {shown}")]
+        if self.scored:
+            lines.append(("decoding", "score: each label's probability, the most probable is the answer"))
+        elif not self.labels_max:
+            why = f" ({self.decoding_note})" if self.decoding_note else ""
+            lines.append(("decoding", f"constrained: the label is generated token by token{why}"))
+        return lines
 
     @property
     def fields(self) -> list[pa.Field]:
         fields = [pa.field("label", pa.string()), pa.field("confidence", pa.float64())]
         if self.labels_max:
             fields.append(pa.field("labels", pa.list_(pa.string())))
+        if self.label_probs:
+            fields.append(pa.field("label_probs", LABEL_PROBS_TYPE))
         return fields
 
     def prompt_values(self, language: str = "en") -> dict[str, str]:
@@ -117,7 +179,10 @@ class ClassifyTask(Task):
         return 16 + self.labels_max * (longest + 4)
 
     def describe(self) -> dict:
-        return {"labels": self.labels, "labels_max": self.labels_max}
+        described = {"labels": self.labels, "labels_max": self.labels_max}
+        if self.scored:  # constrained jobs keep the fingerprint they had before scoring existed
+            described |= {"decoding": SCORE, "label_probs": self.label_probs}
+        return described
 
     def parse(self, completion: Completion, truncated: bool) -> RowResult:
         if completion.error is not None:
@@ -130,6 +195,10 @@ class ClassifyTask(Task):
             result.values = {}
             return result
         result.values["label"] = picked[0]
+        if self.label_probs and completion.alternatives is not None:
+            result.values["label_probs"] = [
+                {"label": text, "prob": math.exp(logprob)} for text, logprob in completion.alternatives
+            ][: self.label_probs]
         if self.labels_max:
             result.values["labels"] = picked
         if truncated:
@@ -168,6 +237,22 @@ class ClassifyTask(Task):
             output_tokens=answered.then(pl.col("output_tokens")),
             cached_tokens=answered.then(pl.col("cached_tokens")),
             invalid=~failed & ~valid,
+            **(
+                {
+                    "label_probs": pl.when(valid).then(
+                        pl.col("alternatives")
+                        .list.head(self.label_probs)
+                        .list.eval(
+                            pl.struct(
+                                label=pl.element().struct.field("text"),
+                                prob=pl.element().struct.field("logprob").exp(),
+                            )
+                        )
+                    )
+                }
+                if self.label_probs
+                else {}
+            ),
         )
         invalid = np.flatnonzero(frame["invalid"].to_numpy())
         if len(invalid):  # rare: word the reason row by row, as ``parse`` does
