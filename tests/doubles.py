@@ -44,6 +44,15 @@ class RecordingFake(FakeBackend):
             out = [self.reply(c, o, request) for c, o in zip(conversations, out, strict=True)]
         return out
 
+    def score(self, conversations: list[Messages], request: Request, choices=None) -> list[Completion]:
+        """Scored labels (``decoding: score``) are recorded and replaced the same way."""
+        self.batches.append(len(conversations))
+        self.asked.extend(c[-1]["content"] for c in conversations)
+        out = super().score(conversations, request, choices)
+        if self.reply is not None:
+            out = [self.reply(c, o, request) for c, o in zip(conversations, out, strict=True)]
+        return out
+
     def texts(self) -> list[str]:
         """The row text of each conversation asked (after the template's ``Product: `` prefix)."""
         return [m.split(": ", 1)[1] for m in self.asked]
@@ -66,3 +75,6 @@ class NoLabelBackend(FakeBackend):
 
     def complete(self, conversations: list[Messages], request: Request) -> list[Completion]:
         return [Completion("none of them", None, 10, 2, "stop") for _ in conversations]
+
+    def score(self, conversations: list[Messages], request: Request, choices=None) -> list[Completion]:
+        return self.complete(conversations, request)

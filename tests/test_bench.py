@@ -86,6 +86,10 @@ class RowFake(FakeBackend):
     section = None
     extra_output = 0
 
+    @classmethod
+    def cannot_score(cls, settings):
+        return "an API answers row by row"  # as an HTTP API without token-level control
+
     def answer(self, prompt, texts, request):
         return Backend.answer(self, prompt, texts, request)
 

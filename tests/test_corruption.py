@@ -23,7 +23,7 @@ from fault_server import FaultServer
 
 from pipeline.cache import ResultCache, merge, read_file, repair, verify_store
 from pipeline.cli import main
-from pipeline.contracts import ANSWER_SCHEMA
+from pipeline.contracts import ALTERNATIVES_TYPE, ANSWER_SCHEMA
 from pipeline.errors import JobChangedError, RunStateError, StoreBusyError
 from pipeline.plan import plan_job
 from pipeline.runfolder import RunFolder
@@ -80,6 +80,7 @@ def _answers(texts: list[str]) -> pa.Table:
             "cached_tokens": pa.nulls(n, pa.int32()),
             "error": pa.nulls(n, pa.string()),
             "retries": [0] * n,
+            "alternatives": pa.nulls(n, ALTERNATIVES_TYPE),
         },
         schema=ANSWER_SCHEMA,
     )

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -173,10 +174,10 @@ def test_folder_mixing_string_and_large_string_runs_with_one_schema(make_job, re
 
 def _fake_label(job, text: str) -> str:
     plan = plan_job(job, check_id_values=False)
-    (completion,) = FakeBackend(job.backend_settings, plan.model).complete(
-        [plan.prompt.messages(text)], plan.request
+    answers = FakeBackend(job.backend_settings, plan.model).answer(
+        plan.prompt, pl.Series([text], dtype=pl.String), plan.request
     )
-    return completion.text
+    return answers.column("text")[0].as_py()
 
 
 def test_compatible_types_settle_on_the_wider_one(tmp_path: Path) -> None:
@@ -352,7 +353,7 @@ class _RemovesInput(RecordingFake):
 
 
 def test_input_removed_mid_run_stops_with_its_name_and_keeps_finished_chunks(make_job) -> None:
-    job_files = make_job(default_table(12), chunk_rows=5)
+    job_files = make_job(default_table(12), chunk_rows=5, decoding="constrained")  # through complete
     job = job_files.load()
     with pytest.raises(InputNotFoundError, match=re.escape(str(job_files.input))):
         run_job(job, backend=_RemovesInput(job, job_files.input))
@@ -360,7 +361,7 @@ def test_input_removed_mid_run_stops_with_its_name_and_keeps_finished_chunks(mak
 
 
 def test_input_replaced_mid_run_is_refused_not_labelled(make_job) -> None:
-    job_files = make_job(default_table(12), chunk_rows=5)
+    job_files = make_job(default_table(12), chunk_rows=5, decoding="constrained")  # through complete
     job = job_files.load()
     other = default_table(12).set_column(1, "title", pa.array([f"other {i}" for i in range(12)]))
     with pytest.raises(InputFormatError) as info:

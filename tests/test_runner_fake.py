@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -50,10 +51,10 @@ def quiet_run(job: JobConfig, restart: bool = False, backend=None) -> dict:
 def fake_label(job: JobConfig, text: str) -> str:
     """The label the fake backend gives a row whose cleaned text is ``text``."""
     plan = plan_job(job, check_id_values=False)
-    (completion,) = FakeBackend(job.backend_settings, plan.model).complete(
-        [plan.prompt.messages(text)], plan.request
+    answers = FakeBackend(job.backend_settings, plan.model).answer(
+        plan.prompt, pl.Series([text], dtype=pl.String), plan.request
     )
-    return completion.text
+    return answers.column("text")[0].as_py()
 
 
 def by_id(table: pa.Table) -> dict:

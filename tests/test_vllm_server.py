@@ -46,7 +46,7 @@ def vllm_server():
         "--model", str(CHECKPOINT), "--served-model-name", SERVED_NAME,
         "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
         "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.3",
-        "--enforce-eager", "--logprobs-mode", "processed_logprobs",
+        "--enforce-eager", "--logprobs-mode", "processed_logprobs", "--max-logprobs", "64",
     ]  # fmt: skip
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{port}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=MODEL_ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -108,6 +108,56 @@ def test_job_through_vllm_serve(vllm_server, tmp_path):
             assert row["prompt_tokens"] > 50 and row["output_tokens"] >= 2
         else:
             assert row["status"] == "empty_input"
+    assert KEY not in done.stdout + done.stderr
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_scored_job_through_vllm_serve(vllm_server, tmp_path):
+    # decoding: score over HTTP: /tokenize for the chat template's ids, then one /v1/completions
+    # request per row and step, on token ids, with allowed_token_ids and their logprobs.
+    real = pq.read_table(REPO / "sample_data" / "oa_mine_products.parquet").to_pylist()[7::90]
+    titles = [r["title"] for r in real] + ["", None]
+    data = pa.table({"id": pa.array(range(len(titles)), pa.int64()), "title": titles})
+    pq.write_table(data, tmp_path / "input.parquet")
+    job = {
+        "input": str(tmp_path / "input.parquet"),
+        "output": str(tmp_path / "run"),
+        "id_column": "id",
+        "text_column": "title",
+        "keep_columns": ["title"],
+        "labels": LABELS,
+        "decoding": "score",
+        "label_probs": len(LABELS),
+        "prompt": str(REPO / "prompts" / "classify_product.en.yaml"),
+        "model": SERVED_NAME,
+        "backend": "openai",
+        "api": {"base_url": vllm_server, "api_key_env": "LOCAL_VLLM_KEY", "label_scoring": True},
+        "chunk_rows": 10,
+        "cache": {"enabled": False},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    env = {**MODEL_ENV, "LOCAL_VLLM_KEY": KEY}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml"), "--quiet"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = pq.read_table(sorted((tmp_path / "run" / "parts").glob("*.parquet"))).to_pylist()
+    assert [r["id"] for r in out] == list(range(len(titles)))
+    for row in out:
+        if not row["title"]:
+            assert row["status"] == "empty_input"
+            continue
+        assert row["status"] == "ok", row
+        assert row["label"] in LABELS
+        probs = row["label_probs"]
+        assert sorted(p["label"] for p in probs) == sorted(LABELS)
+        assert abs(sum(p["prob"] for p in probs) - 1.0) < 1e-6, probs
+        assert probs[0]["label"] == row["label"]
+        assert row["confidence"] == pytest.approx(min(1.0, probs[0]["prob"]), abs=1e-12)
+        assert row["output_tokens"] >= 1 and row["prompt_tokens"] > 50
     assert KEY not in done.stdout + done.stderr
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():

@@ -83,7 +83,7 @@ class FakeBackend(ByteTokens, Backend):
     def _scores(self, users: pl.Series, other_tokens: np.ndarray, request: Request) -> pa.Table:
         """A probability for every label from hashes of the row and the label, softmax-normalised:
         as a model's scores would be, they sum to 1 over the set."""
-        self.answered(len(users))
+        self._pace(len(users))
         labels = request.constraint.choice
         digest = users.hash(seed=_SEED).to_numpy()
         salt = pl.Series(labels, dtype=pl.String).hash(seed=_SEED + 1).to_numpy()
@@ -117,16 +117,18 @@ class FakeBackend(ByteTokens, Backend):
         other = [sum(self._tokens(m["content"]) + 4 for m in c[:-1]) + 4 for c in conversations]
         return table_completions(self._answers(users, np.array(other, dtype=np.int64), request.constraint))
 
-    def _answers(self, users: pl.Series, other_tokens: np.ndarray, constraint: Constraint) -> pa.Table:
-        """Whole columns at once: the fake's cost must not hide the pipeline's in a benchmark."""
+    def _pace(self, rows: int) -> None:
         if self.settings.seconds_per_row:
             # paced like a model: answers come in over the call, in a few steps
-            steps = np.array_split(np.arange(len(users)), min(len(users), 20))
-            for step in steps:
+            for step in np.array_split(np.arange(rows), min(rows, 20)):
                 time.sleep(self.settings.seconds_per_row * len(step))
                 self.answered(len(step))
         else:
-            self.answered(len(users))
+            self.answered(rows)
+
+    def _answers(self, users: pl.Series, other_tokens: np.ndarray, constraint: Constraint) -> pa.Table:
+        """Whole columns at once: the fake's cost must not hide the pipeline's in a benchmark."""
+        self._pace(len(users))
         digest = users.hash(seed=_SEED).to_numpy()
         confidence = ((digest >> np.uint64(32)) % np.uint64(1000) + np.uint64(1)).astype(np.float64) / 1000
         if constraint.choice is not None:

@@ -14,6 +14,12 @@ When a server answers 400 that the model doesn't take a field labelmill sent (``
 ``temperature``, ``top_p``, ``logprobs``), the backend sends the other budget field or leaves the
 field out for the rest of the run, says so once in the log, and sends the row again.
 
+Scoring a label set (``decoding: score``, ``api.label_scoring``) needs vLLM's own server: the chat
+template's token ids come from its ``/tokenize``, and each decode step is one ``/v1/completions``
+request on a token-id prompt with ``max_tokens: 1``, ``allowed_token_ids`` (the labels' next
+tokens) and their ``logprobs``, under the same concurrency, rate limits and retries as chat
+requests (see ``pipeline/scoring.py``).
+
 The API key is read from the environment variable named by ``api.api_key_env`` when the backend
 starts, sent only in the Authorization header, and scrubbed (in any letter case) from every text
 built from a server's answer. Credentials anywhere in the ``api:`` section are refused when the job
@@ -29,14 +35,15 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Iterator
-from dataclasses import replace
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import logs
+from pipeline import logs, scoring
 from pipeline.backends import chat_api
 from pipeline.backends.base import Backend, ByteTokens
 from pipeline.contracts import Completion, Messages, Options, Request
@@ -52,6 +59,17 @@ DEFAULT_REASONING_BUDGET = 1024
 # Fields a server may refuse for a model, and what labelmill does then: send the other budget
 # field, or leave the field out (the model decodes its own way; confidence is null without logprobs).
 _ADAPTABLE = frozenset({*chat_api.TOKEN_LIMIT_FIELDS, "temperature", "top_p", "logprobs"})
+T = TypeVar("T")
+_FATAL_HINT = "check api_key_env, base_url and model in the job file"
+_SCORING_HINT = (
+    "check api_key_env, base_url and model in the job file; api.label_scoring needs vLLM's "
+    "OpenAI-compatible server (vllm serve), which has /tokenize and takes token-id prompts on "
+    "/v1/completions (otherwise leave label_scoring out, and decoding: auto is constrained)"
+)
+# vLLM's 400 for more logprobs than --max-logprobs: "Requested sample logprobs of 30, which is
+# greater than max allowed: 20"
+_MAX_LOGPROBS = re.compile(r"greater than max allowed:\s*(\d+)")
+_TOKEN_ID = "token_id:"  # how vLLM names a token in logprobs with return_tokens_as_token_ids
 
 # A key name made of one of these words looks like it holds a credential. "tokens" is not among
 # them: min_tokens and max_tokens count tokens, they don't hold one.
@@ -91,6 +109,25 @@ class _Refused(Exception):
         self.field = field
 
 
+class _BadRequest(_RowFailure):
+    """HTTP 400: the server refused the request as sent; ``text`` is its whole answer, for the
+    caller to read what was refused."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(reason)
+        self.text = text
+
+
+class _GaveUp(Exception):
+    """A request that failed for good: after its retries, or at once where retrying can't help.
+    ``reason`` is scrubbed of the key."""
+
+    def __init__(self, reason: str, retries: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retries = retries
+
+
 class RateLimiter:
     """At most ``per_minute`` units in any sliding window of ``window_s`` seconds."""
 
@@ -110,6 +147,53 @@ class RateLimiter:
                     self._log.append((now, units))
                     return
                 await asyncio.sleep(max(0.005, self.window_s - (now - self._log[0][0])))
+
+
+@dataclass
+class _Session:
+    """What the requests of one call share: the HTTP client, how many may be in flight, and the
+    client-side rate limits."""
+
+    client: Any
+    gate: asyncio.Semaphore
+    rpm: RateLimiter | None
+    tpm: RateLimiter | None
+
+    @asynccontextmanager
+    async def slot(self, tokens: int) -> AsyncIterator[None]:
+        """A place among the requests in flight, once the rate limits allow one more request of
+        ``tokens`` (estimated prompt and answer); held while it and its retries run."""
+        async with self.gate:
+            if self.rpm:
+                await self.rpm.acquire()
+            if self.tpm and tokens:
+                await self.tpm.acquire(tokens)
+            yield
+
+
+@dataclass(eq=False)
+class _Scored:
+    """One row's scoring over HTTP: its prompt's token ids, the prompt tokens its first step found
+    in the server's prefix cache, the retries its requests took, and why it failed, if it did."""
+
+    prompt: list[int]
+    cached: int | None = None
+    retries: int = 0
+    error: str | None = None
+    asked: bool = False
+
+
+async def _all(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """Every call's result, in order. When one raises, the others stop sending now, not after
+    their retries, and the exception goes on."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class ApiSettings(Options):
@@ -160,6 +244,17 @@ class ApiSettings(Options):
     max_consecutive_client_errors: int = Field(default=20, ge=0)
     """Stop the run (exit 4) when this many rows in a row fail with the same client error (HTTP
     4xx, e.g. a 400 refusing a request field), instead of marking every row ``error``. 0: never."""
+    label_scoring: bool = False
+    """The server is vLLM's OpenAI-compatible server (``vllm serve``) started with
+    ``--logprobs-mode processed_logprobs``: it takes token-id prompts on ``/v1/completions`` with
+    ``allowed_token_ids``, ``logprobs`` and ``return_tokens_as_token_ids``, and has ``/tokenize``
+    (which renders the model's chat template, with ``extra_body.chat_template_kwargs`` where given).
+    Labels can then be scored (``decoding: score``, and ``auto`` picks it): one request per row
+    and decode step, asking for as many logprobs as the widest step allows tokens; a label set
+    wider than the server's ``--max-logprobs`` (default 20) stops the run, naming the value to
+    start it with. False: ``decoding: auto`` is ``constrained``. OpenAI's own API, OpenRouter
+    and Groq have no ``allowed_token_ids`` and no ``/tokenize`` of the chat template: they stay on
+    ``constrained``."""
 
     @field_validator("base_url")
     @classmethod
@@ -269,6 +364,10 @@ class OpenAIBackend(ByteTokens, Backend):
         """The last row's client error (normalised) and how many rows in a row have had it."""
         self._stopped: BackendError | None = None
         """Set when the breaker stops a call: the requests still running stop sending."""
+        self._opening: tuple[Messages, list[int]] | None = None
+        """Scoring: a conversation to render answers after, and its ids up to the answer."""
+        self._end_ids: list[int] | None = None
+        """Scoring: the token that ends the answer's turn (empty: not known)."""
 
     @classmethod
     def identity(cls, settings: ApiSettings, request: Request | None = None) -> dict[str, Any]:
@@ -277,13 +376,16 @@ class OpenAIBackend(ByteTokens, Backend):
         # often it is asked (and with which key) can't. Nor can the budget field's name or the
         # reasoning room: both only decide where an answer is cut, and an answer cut while the
         # model reasons is a failure, which is neither cached nor kept by a rerun.
-        return {
+        identity = {
             "base_url": _public_url(settings.base_url),
             "constraint": settings.constraint,
             "logprobs": settings.logprobs,
             "extra_body": settings.extra_body,
             "max_model_len": settings.max_model_len,
         }
+        if settings.label_scoring:  # only when on: jobs from before the setting keep their fingerprint
+            identity["label_scoring"] = True
+        return identity
 
     @classmethod
     def describe_settings(cls, settings: ApiSettings) -> dict[str, Any]:
@@ -354,9 +456,19 @@ class OpenAIBackend(ByteTokens, Backend):
         if not self._started:
             self.start()
         self._stopped = None
-        return asyncio.run(self._complete_all(conversations, request))
+        return self._run(lambda session: self._complete_all(session, conversations, request))
 
-    async def _complete_all(self, conversations: list[Messages], request: Request) -> list[Completion]:
+    def _run(self, work: Callable[[_Session], Awaitable[T]]) -> T:
+        """``work`` on a fresh session (client, concurrency gate, rate limits), to its end."""
+
+        async def main() -> T:
+            async with self._session() as session:
+                return await work(session)
+
+        return asyncio.run(main())
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[_Session]:
         import httpx
 
         api = self.api
@@ -364,35 +476,44 @@ class OpenAIBackend(ByteTokens, Backend):
         limits = httpx.Limits(
             max_connections=api.max_concurrency, max_keepalive_connections=api.max_concurrency
         )
-        gate = asyncio.Semaphore(api.max_concurrency)
-        rpm = RateLimiter(api.requests_per_minute) if api.requests_per_minute else None
-        tpm = RateLimiter(api.tokens_per_minute) if api.tokens_per_minute else None
-        budget = request.max_tokens + self.reasoning_budget
         async with httpx.AsyncClient(
             base_url=api.base_url.rstrip("/"), headers=headers, timeout=api.timeout_s, limits=limits
         ) as client:
+            yield _Session(
+                client,
+                asyncio.Semaphore(api.max_concurrency),
+                RateLimiter(api.requests_per_minute) if api.requests_per_minute else None,
+                RateLimiter(api.tokens_per_minute) if api.tokens_per_minute else None,
+            )
 
-            async def one(messages: Messages) -> Completion:
-                async with gate:
-                    if rpm:
-                        await rpm.acquire()
-                    if tpm:
-                        await tpm.acquire(self.prompt_tokens(messages) + budget)
-                    done = await self._with_retries(client, messages, request)
-                    self.answered(1)
-                    return done
+    async def _complete_all(
+        self, session: _Session, conversations: list[Messages], request: Request
+    ) -> list[Completion]:
+        budget = request.max_tokens + self.reasoning_budget
 
-            tasks = [asyncio.ensure_future(one(m)) for m in conversations]
-            try:
-                return list(await asyncio.gather(*tasks))
-            except BaseException:
-                # One row stopped the run: the others stop sending now, not after their retries.
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+        async def one(messages: Messages) -> Completion:
+            async with session.slot(self.prompt_tokens(messages) + budget):
+                done = await self._answer_row(session.client, messages, request)
+            self.answered(1)
+            return done
 
-    async def _with_retries(self, client, messages: Messages, request: Request) -> Completion:
+        return await _all([one(m) for m in conversations])
+
+    async def _answer_row(self, client, messages: Messages, request: Request) -> Completion:
+        try:
+            completion = await self._with_retries(
+                lambda retries: self._request(client, messages, request, retries)
+            )
+        except _GaveUp as failed:
+            return _failed(failed.reason, failed.retries)
+        self._count_client_error(completion.error)
+        return completion
+
+    async def _with_retries(self, call: Callable[[int], Awaitable[T]]) -> T:
+        """``call(retries)`` until it answers: transient failures are tried again after a backoff
+        with jitter, or when the server's ``Retry-After`` says. Raises ``_GaveUp`` when the tries
+        run out, or at once on a failure that trying again can't fix; either counts towards the
+        breaker (``_count_client_error``), as an answer's own outcome is left to the caller."""
         from tenacity import (
             AsyncRetrying,
             retry_if_exception_type,
@@ -422,16 +543,15 @@ class OpenAIBackend(ByteTokens, Backend):
             ):
                 with attempt:
                     attempt_no = attempt.retry_state.attempt_number
-                    completion = await self._request(client, messages, request, attempt_no - 1)
-                    self._count_client_error(completion.error)
-                    return completion
+                    return await call(attempt_no - 1)
         except _RowFailure as exc:
             reason = self._scrub(str(exc))
             self._count_client_error(reason)
-            return _failed(reason, attempt_no - 1)
+            raise _GaveUp(reason, attempt_no - 1) from None
         except _Transient as exc:
             self._count_client_error(None)
-            return _failed(f"gave up after {attempt_no} attempts: {self._scrub(str(exc))}", attempt_no - 1)
+            reason = f"gave up after {attempt_no} attempts: {self._scrub(str(exc))}"
+            raise _GaveUp(reason, attempt_no - 1) from None
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def _request(self, client, messages: Messages, request: Request, retries: int) -> Completion:
@@ -447,12 +567,31 @@ class OpenAIBackend(ByteTokens, Backend):
         raise AssertionError("unreachable: each pass leaves out one more field")
 
     async def _send(self, client, body: dict, request: Request, retries: int) -> Completion:
+        try:
+            data, text = await self._post(client, "/chat/completions", body)
+        except _BadRequest as refused:
+            field = chat_api.refused_field(refused.text)
+            if field in _ADAPTABLE and field in body:
+                raise _Refused(field, str(refused)) from None
+            raise
+        completion = self.read_response(data, request)
+        if completion is None:
+            raise _Transient(f"malformed response body: {text[:200]!r}")
+        # The answer is kept in the output (an invalid one with its raw text): a server that echoes
+        # the key must not write it there.
+        return replace(completion, text=self._scrub(completion.text), retries=retries)
+
+    async def _post(self, client, url: str, body: dict, hint: str = _FATAL_HINT) -> tuple[Any, str]:
+        """POST ``body`` to ``url`` (relative to ``base_url``, or absolute); the answer's JSON and
+        its text (scrubbed of the key). A failure worth trying again raises ``_Transient``; a 400
+        ``_BadRequest``, for the caller to read; another 4xx ``_RowFailure``; 401, 403 and 404
+        ``BackendError`` (every row would fail), with ``hint``."""
         import httpx
 
         if self._stopped is not None:
             raise self._stopped
         try:
-            resp = await client.post("/chat/completions", json=body)
+            resp = await client.post(url, json=body)
         except httpx.TimeoutException:
             raise _Transient(f"no answer within timeout_s={self.api.timeout_s}") from None
         except httpx.TransportError as exc:
@@ -461,28 +600,20 @@ class OpenAIBackend(ByteTokens, Backend):
         text = self._scrub(resp.text)
         if resp.status_code in FATAL_STATUS:
             raise BackendError(
-                f"{_display_url(self.api.base_url)}: HTTP {resp.status_code} "
+                f"{_display_url(str(resp.request.url))}: HTTP {resp.status_code} "
                 f"{FATAL_STATUS[resp.status_code]}: {text[:300]}",
-                hint="check api_key_env, base_url and model in the job file",
+                hint=hint,
             )
         if resp.status_code == 429 or resp.status_code >= 500:
             raise _Transient(f"HTTP {resp.status_code}: {text[:200]}", _retry_after(resp))
         if resp.status_code == 400:
-            field = chat_api.refused_field(text)
-            if field in _ADAPTABLE and field in body:
-                raise _Refused(field, f"HTTP 400: {text[:300]}")
+            raise _BadRequest(f"HTTP 400: {text[:300]}", text)
         if resp.status_code >= 400:
             raise _RowFailure(f"HTTP {resp.status_code}: {text[:300]}")
         try:
-            data = resp.json()
+            return resp.json(), text
         except ValueError:
             raise _Transient(f"malformed response body: {text[:200]!r}") from None
-        completion = self.read_response(data, request)
-        if completion is None:
-            raise _Transient(f"malformed response body: {text[:200]!r}")
-        # The answer is kept in the output (an invalid one with its raw text): a server that echoes
-        # the key must not write it there.
-        return replace(completion, text=self._scrub(completion.text), retries=retries)
 
     def _refuse(self, field: str, body: dict) -> bool:
         """Note that the server refused ``field`` for this model; whether the body now sent for a
@@ -543,6 +674,287 @@ class OpenAIBackend(ByteTokens, Backend):
         if not self._key:
             return text
         return re.sub(re.escape(self._key), "***", text, flags=re.IGNORECASE)
+
+    # Scoring a label set (``decoding: score``) through vLLM's server: the steps of
+    # ``VllmBackend.score`` over HTTP (see ``pipeline/scoring.py``).
+
+    @classmethod
+    def cannot_score(cls, settings: ApiSettings) -> str | None:
+        if settings.label_scoring:
+            return None
+        return (
+            "api.label_scoring is off (scoring needs vLLM's server: token-id prompts and allowed_token_ids)"
+        )
+
+    def score(
+        self,
+        conversations: list[Messages],
+        request: Request,
+        choices: Sequence[tuple[str, ...]] | None = None,
+    ) -> list[Completion]:
+        if not conversations:
+            return []
+        labels = request.constraint.choice
+        if choices is None and labels is None:
+            raise ValueError("scoring needs a choice constraint or per-row choices")
+        self._start_scoring()
+        tries = (
+            [self.label_trie(tuple(c), conversations[0]) for c in choices]
+            if choices is not None
+            else [self.label_trie(tuple(labels), conversations[0])] * len(conversations)
+        )
+        return self._run(lambda session: self._score_all(session, conversations, tries, request.alternatives))
+
+    async def _score_all(
+        self, session: _Session, conversations: list[Messages], tries: list[scoring.LabelTrie], top: int
+    ) -> list[Completion]:
+        rows = await _all([self._prompt(session, c) for c in conversations])
+        live = [i for i, row in enumerate(rows) if row.error is None]
+        self.answered(len(rows) - len(live))
+        searches = [scoring.Search(tries[i], top) for i in live]
+        loop = asyncio.get_running_loop()
+
+        def ask(requests: list[tuple[int, scoring.Node]]) -> list[dict[int, float]]:
+            steps = [self._step(session, rows[live[n]], tries[live[n]], node) for n, node in requests]
+            return asyncio.run_coroutine_threadsafe(_all(steps), loop).result()
+
+        # The search asks step by step and waits for each; it runs beside this event loop, which
+        # sends every step's requests on the one session (its concurrency and rate limits hold
+        # across steps as across rows).
+        await asyncio.to_thread(scoring.search_all, searches, ask)
+        finished = dict(zip(live, searches, strict=True))
+        return [
+            replace(scoring.answer(finished[i], len(row.prompt), row.cached), retries=row.retries)
+            if row.error is None
+            else _failed(row.error, row.retries)
+            for i, row in enumerate(rows)
+        ]
+
+    def label_paths(self, labels: Sequence[str], messages: Messages) -> list[list[int]]:
+        """Each label's tokens as the chat template writes it as the assistant's answer, from the
+        server's ``/tokenize``: the ids between the prompt (with the template's opening of the
+        answer) and the end of the turn; the label's tokens on their own where the template
+        writes the answer in another way (as ``VllmBackend.label_paths``)."""
+        self._start_scoring()
+        try:
+            return self._run(lambda session: self._label_paths(session, labels, messages))
+        except _GaveUp as failed:
+            raise self._untokenized(failed) from None
+
+    def end_tokens(self) -> list[int]:
+        """The token that closes the assistant's turn right after its answer (``<|im_end|>`` in
+        ChatML), as the server renders the chat template; none where the template can't say."""
+        if self._end_ids is None:
+            self._start_scoring()
+            try:
+                self._run(lambda session: self._probe(session, [{"role": "user", "content": "x"}]))
+            except _GaveUp as failed:
+                raise self._untokenized(failed) from None
+        return list(self._end_ids or ())
+
+    def _start_scoring(self) -> None:
+        if not self._started:
+            self.start()
+        self._stopped = None
+
+    def _untokenized(self, failed: _GaveUp) -> BackendError:
+        return BackendError(
+            f"{_display_url(self._server_url('/tokenize'))}: the labels could not be tokenised with "
+            f"the model's chat template: {failed.reason}",
+            hint=_SCORING_HINT,
+        )
+
+    async def _label_paths(
+        self, session: _Session, labels: Sequence[str], messages: Messages
+    ) -> list[list[int]]:
+        probe, opening = await self._probe(session, messages)
+        ends = set(self._end_ids or ())
+
+        async def path_of(label: str) -> list[int]:
+            ids = await self._chat_ids(session, [*probe, {"role": "assistant", "content": label}], False)
+            path: list[int] = []
+            if ids[: len(opening)] == opening:
+                for token in ids[len(opening) :]:
+                    if token in ends:
+                        break
+                    path.append(token)
+            if not path or (await self._detokenize(session, path)).strip() != label:
+                path = await self._tokenize(session, {"prompt": label, "add_special_tokens": False})
+            return path
+
+        return await _all([path_of(label) for label in labels])
+
+    async def _probe(self, session: _Session, messages: Messages) -> tuple[Messages, list[int]]:
+        """A conversation to render answers after, with its ids up to the opening of the answer;
+        the first time, also the end of the answer's turn (``_end_ids``). Kept for the run."""
+        if self._opening is None:
+            probe: Messages = [{"role": "user", "content": "x"}]
+            try:
+                opening = await self._chat_ids(session, probe, True)
+            except _GaveUp:  # a template that wants the job's own roles (a system message first)
+                probe = [dict(m) for m in messages]
+                opening = await self._chat_ids(session, probe, True)
+            self._opening = probe, opening
+        if self._end_ids is None:
+            self._end_ids = await self._turn_end(session, self._opening[0])
+        return self._opening
+
+    async def _turn_end(self, session: _Session, probe: Messages) -> list[int]:
+        # The answer's turn rendered open (the answer continued) and closed: the first token the
+        # closed one has beyond the open one ends the answer.
+        answered = [*probe, {"role": "assistant", "content": "x"}]
+        try:
+            open_ids = await self._chat_ids(session, answered, False, continued=True)
+        except _GaveUp:  # a template that rewrites the answer: the end is not known
+            return []
+        closed = await self._chat_ids(session, answered, False)
+        if len(closed) > len(open_ids) and closed[: len(open_ids)] == open_ids:
+            return [closed[len(open_ids)]]
+        return []
+
+    async def _prompt(self, session: _Session, messages: Messages) -> _Scored:
+        try:
+            return _Scored(await self._chat_ids(session, messages, True))
+        except _GaveUp as failed:
+            return _Scored([], retries=failed.retries, error=failed.reason)
+
+    async def _step(
+        self, session: _Session, row: _Scored, trie: scoring.LabelTrie, node: scoring.Node
+    ) -> dict[int, float]:
+        """One decode step of a row's search: the log-probabilities of the tokens allowed at
+        ``node``. A failed row is fed even odds without asking, so that the search goes on without
+        it; its answer is the failure."""
+        allowed = trie.allowed(node)
+        found = None
+        if row.error is None:
+            try:
+                found, cached, retries = await self._next_token(
+                    session, row.prompt + list(node.prefix), trie, allowed
+                )
+            except _GaveUp as failed:
+                row.error, row.retries = failed.reason, row.retries + failed.retries
+            else:
+                row.retries += retries
+                if not row.asked:
+                    row.cached = cached
+        if not row.asked:
+            row.asked = True
+            self.answered(1)
+        return found if found is not None else dict.fromkeys(allowed, 0.0)
+
+    async def _next_token(
+        self, session: _Session, prompt: list[int], trie: scoring.LabelTrie, allowed: list[int]
+    ) -> tuple[dict[int, float], int | None, int]:
+        """The log-probabilities of the ``allowed`` tokens after ``prompt`` (vLLM renormalises them
+        over those tokens in processed_logprobs mode), the prompt tokens served from the server's
+        prefix cache where it says, and the retries it took."""
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": len(allowed),
+            "allowed_token_ids": allowed,
+            "return_tokens_as_token_ids": True,
+        }
+
+        async def call(retries: int) -> tuple[dict[int, float], int | None, int]:
+            try:
+                data, text = await self._post(session.client, "/completions", body, _SCORING_HINT)
+            except _BadRequest as refused:
+                most = _MAX_LOGPROBS.search(refused.text)
+                if most is None:
+                    raise
+                raise BackendError(
+                    f"{_display_url(self.api.base_url)}: the label set needs up to {trie.width} "
+                    f"log-probabilities per step, and the server gives at most {most.group(1)}",
+                    hint=f"start the server with --max-logprobs {trie.width} (or more); finished "
+                    "chunks are kept, and rerunning the same command resumes",
+                ) from None
+            return (*self._read_step(data, text, allowed), retries)
+
+        async with session.slot(len(prompt) + 1):
+            found = await self._with_retries(call)
+        self._count_client_error(None)
+        return found
+
+    def _read_step(self, data: Any, text: str, allowed: list[int]) -> tuple[dict[int, float], int | None]:
+        try:
+            top = data["choices"][0]["logprobs"]["top_logprobs"][0]
+            usage = data.get("usage") or {}
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            pairs = list(top.items())
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise _Transient(f"malformed response body: {text[:200]!r}") from None
+        found: dict[int, float] = {}
+        for key, value in pairs:
+            token = key.removeprefix(_TOKEN_ID)
+            if token == key or not token.isdigit() or not isinstance(value, (int, float)):
+                raise BackendError(
+                    f"{_display_url(self.api.base_url)}: the server's logprobs name tokens as "
+                    f"{self._scrub(repr(key))[:60]}, not as token_id:<id>: it does not take "
+                    "return_tokens_as_token_ids",
+                    hint=_SCORING_HINT,
+                )
+            found[int(token)] = float(value)
+        if not found:
+            raise _Transient(f"no log-probabilities in the answer: {text[:200]!r}")
+        stray = sorted(set(found) - set(allowed))
+        if stray:
+            raise BackendError(
+                f"{_display_url(self.api.base_url)}: the server gave log-probabilities of tokens the "
+                f"request did not allow ({', '.join(map(str, stray[:5]))}): they are the model's raw "
+                "ones, not renormalised over the labels' tokens",
+                hint="start vLLM's server with --logprobs-mode processed_logprobs (label scoring reads "
+                "the log-probabilities after allowed_token_ids has masked the other tokens)",
+            )
+        return found, cached if isinstance(cached, int) and not isinstance(cached, bool) else None
+
+    async def _chat_ids(
+        self, session: _Session, messages: Messages, generation: bool, continued: bool = False
+    ) -> list[int]:
+        """A conversation's token ids as the server renders the model's chat template: with its
+        opening of the answer (``generation``), or with the last message left open (``continued``)."""
+        body: dict[str, Any] = {"messages": messages, "add_generation_prompt": generation}
+        if continued:
+            body["continue_final_message"] = True
+        extra = self.api.extra_body  # as the server would render the job's chat requests
+        body |= {k: extra[k] for k in ("chat_template", "chat_template_kwargs") if k in extra}
+        return await self._tokenize(session, body)
+
+    async def _tokenize(self, session: _Session, body: dict) -> list[int]:
+        async def call(retries: int) -> list[int]:
+            data, text = await self._post(
+                session.client, self._server_url("/tokenize"), {"model": self.model, **body}, _SCORING_HINT
+            )
+            tokens = data.get("tokens") if isinstance(data, dict) else None
+            if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+                raise _Transient(f"malformed response body: {text[:200]!r}")
+            return tokens
+
+        async with session.slot(0):
+            return await self._with_retries(call)
+
+    async def _detokenize(self, session: _Session, tokens: list[int]) -> str:
+        async def call(retries: int) -> str:
+            data, text = await self._post(
+                session.client, self._server_url("/detokenize"), {"model": self.model, "tokens": tokens},
+                _SCORING_HINT,
+            )  # fmt: skip
+            decoded = data.get("prompt") if isinstance(data, dict) else None
+            if not isinstance(decoded, str):
+                raise _Transient(f"malformed response body: {text[:200]!r}")
+            return decoded
+
+        async with session.slot(0):
+            return await self._with_retries(call)
+
+    def _server_url(self, path: str) -> str:
+        """``path`` on the server's root (``base_url`` without ``/v1``), where vLLM serves
+        ``/tokenize`` and ``/detokenize``."""
+        parts = urlsplit(self.api.base_url)
+        root = parts.path.rstrip("/").removesuffix("/v1")
+        return urlunsplit(parts._replace(path=root + path, fragment=""))
 
 
 def _public_url(url: str) -> str:
