@@ -5,8 +5,9 @@
     python bench/score_decoding.py JOB --rows 8 --repeats 1 --out /tmp/s.json      # smoke test
 
 ``--rows`` rows of the job's input (seeded sample, in input order) are labelled by ``labelmill run``
-(``pipeline.runner.run_job``, the path a user's run takes) with ``decoding: constrained`` and with
-``decoding: score``, ``--repeats`` times each, alternating which goes first; cache and dedupe off,
+(``pipeline.runner.run_job``, the path a user's run takes) with ``decoding: constrained``, with
+``decoding: score`` and with ``score`` without calibration (``score_calibration: none``),
+``--repeats`` times each, alternating the order; cache and dedupe off,
 so every row reaches the model. One engine serves every run (the mode is the task's, not the
 engine's), and its prefix cache is emptied before each run, so no run finds the rows' prompts
 cached by the one before; the shared prompt prefix is cached within each run, as in production.
@@ -30,7 +31,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODES = ("constrained", "score")
+MODES = {
+    "constrained": {"decoding": "constrained"},
+    "score": {"decoding": "score"},
+    "score_uncalibrated": {"decoding": "score", "score_calibration": "none"},
+}
 
 
 def main() -> None:
@@ -63,18 +68,18 @@ def main() -> None:
     base = job.with_changes(
         input=str(sample), cache={"enabled": False}, dedupe={"enabled": False}, chunk_rows=max(rows, 1)
     )
-    jobs = {mode: base.with_changes(decoding=mode) for mode in MODES}
+    jobs = {mode: base.with_changes(**keys) for mode, keys in MODES.items()}
     plans = {mode: plan_job(jobs[mode]) for mode in MODES}
     backend = make_backend(plans["score"])
     # warm-up, untimed: the engine's first passes (and each mode's first request) are slower
-    warm = [plans["score"].prompt.messages(t) for t in picked[job.text_column].head(4).to_list()]
-    backend.score(warm, plans["score"].request)
-    backend.complete(warm, plans["constrained"].request)
+    warm = picked[job.text_column].head(4).cast(pl.String)
+    for mode in MODES:  # (calibration reads its content-free prompts here, once per label set)
+        backend.answer(plans[mode].prompt, warm, plans[mode].request)
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     outputs: dict[str, pl.DataFrame] = {}
     try:
         for r in range(args.repeats):
-            for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            for mode in list(MODES) if r % 2 == 0 else list(MODES)[::-1]:
                 if backend._llm is not None:
                     backend._llm.reset_prefix_cache()
                 folder = work / f"{mode}-{r}"

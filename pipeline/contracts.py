@@ -104,6 +104,9 @@ class Request:
     alternatives: int = 0
     """``score``: how many of the most probable choices come back with their probabilities
     (``Completion.alternatives``); at least the answer itself."""
+    calibrate: bool = False
+    """``score``: divide out what content-free inputs get (contextual calibration, see
+    ``pipeline/scoring.py``)."""
 
 
 @dataclass(frozen=True)

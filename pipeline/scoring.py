@@ -42,6 +42,9 @@ class Node:
     """The label whose path ends here, while others continue (``Tea`` under ``Tea Set``)."""
     labels: list[str] = field(default_factory=list)
     """Every label in this subtree, in the set's order."""
+    allowed: list[int] = field(default_factory=list)
+    """The tokens the model may choose here: the children, and the end of the answer where a
+    label ends here."""
 
     @property
     def resolved(self) -> str | None:
@@ -77,6 +80,10 @@ class LabelTrie:
                 node.labels.append(label)
             node.ends = label
         self._check_ends()
+        for node in self.nodes():
+            node.allowed = list(node.children) + (list(self.end_ids) if node.ends is not None else [])
+        self.priors: dict[object, Prior] = {}
+        """Content-free priors of this label set, by the prompts they were read with."""
 
     def _check_ends(self) -> None:
         for node in self.nodes():
@@ -109,7 +116,18 @@ class LabelTrie:
     def allowed(self, node: Node) -> list[int]:
         """The tokens the model may choose at ``node``: its children, and the end of the answer
         where a label ends there."""
-        return list(node.children) + (list(self.end_ids) if node.ends is not None else [])
+        return node.allowed
+
+    def decisions(self) -> list[Node]:
+        """Every node a search can ask about: below the skipped shared tokens, with labels parting."""
+        found, stack = [], [self.skip(self.root)]
+        while stack:
+            node = stack.pop()
+            if node.resolved is not None:
+                continue
+            found.append(node)
+            stack.extend(self.skip(child) for child in node.children.values())
+        return found
 
     @property
     def width(self) -> int:
@@ -140,8 +158,9 @@ class Search:
     """One row's best-first search of a trie: ``pending`` says which nodes to ask about next,
     ``feed`` takes the model's log-probabilities for a node's allowed tokens."""
 
-    def __init__(self, trie: LabelTrie, top: int = 1) -> None:
+    def __init__(self, trie: LabelTrie, top: int = 1, prior: Prior | None = None) -> None:
         self.trie = trie
+        self.prior = prior
         self.top = max(1, top)
         self.exact: dict[str, float] = {}
         self.open: list[tuple[float, Node]] = [(0.0, trie.skip(trie.root))]
@@ -167,6 +186,11 @@ class Search:
         if total == NEG_INF:
             raise ValueError("no log-probability for any allowed token")
         conditional = dict(zip(allowed, (v - total for v in values), strict=True))
+        neutral = self.prior.get(node) if self.prior is not None else None
+        if neutral is not None:  # contextual calibration: what the input adds to the prompt's bias
+            shifted = {t: v - neutral[t] for t, v in conditional.items()}
+            total = _logsumexp(list(shifted.values()))
+            conditional = {t: v - total for t, v in shifted.items()}
         for token, child in node.children.items():
             here = mass + conditional[token]
             if child.resolved is not None:
@@ -188,6 +212,40 @@ class Search:
 Ask = Callable[[list[tuple[int, Node]]], list[Mapping[int, float]]]
 """Asks the model about ``(row, node)`` pairs: for each, the log-probabilities of the node's
 allowed tokens after the row's prompt and the node's prefix."""
+
+
+Prior = dict[Node, dict[int, float]]
+"""Per node, the log-probabilities of its allowed tokens after a content-free input."""
+
+NEUTRAL_TEXTS = ("N/A", "", "[MASK]")
+"""Content-free inputs whose answers measure the bias the prompt and the labels' tokens alone give
+each label (contextual calibration, Zhao et al. 2021, "Calibrate Before Use")."""
+_PRIOR_FLOOR = -30.0
+"""A content-free probability below e^-30 counts as e^-30, so no label is ruled out by it."""
+
+
+def read_priors(tries: Sequence[LabelTrie], neutral_rows: Sequence[int], key: object, ask: Ask) -> None:
+    """Ask the content-free rows about every decision node of each trie that has no prior under
+    ``key`` yet; each node's prior is the mean of their probabilities. Kept on the trie."""
+    distinct = [t for t in {id(t): t for t in tries}.values() if key not in t.priors]
+    requests = [(row, node) for t in distinct for node in t.decisions() for row in neutral_rows]
+    if not requests:
+        return
+    answers = ask(requests)
+    sums: dict[Node, dict[int, float]] = {}
+    for (_, node), logprobs in zip(requests, answers, strict=True):
+        values = [logprobs.get(t, NEG_INF) for t in node.allowed]
+        total = _logsumexp(values)
+        into = sums.setdefault(node, dict.fromkeys(node.allowed, 0.0))
+        for token, value in zip(node.allowed, values, strict=True):
+            into[token] += math.exp(value - total) / len(neutral_rows) if total > NEG_INF else 0.0
+    for trie in distinct:
+        own = set(trie.decisions())
+        trie.priors[key] = {
+            node: {t: max(math.log(p) if p > 0 else NEG_INF, _PRIOR_FLOOR) for t, p in probs.items()}
+            for node, probs in sums.items()
+            if node in own
+        }
 
 
 def search_all(searches: Sequence[Search], ask: Ask) -> int:

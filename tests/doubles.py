@@ -44,11 +44,13 @@ class RecordingFake(FakeBackend):
             out = [self.reply(c, o, request) for c, o in zip(conversations, out, strict=True)]
         return out
 
-    def score(self, conversations: list[Messages], request: Request, choices=None) -> list[Completion]:
+    def score(
+        self, conversations: list[Messages], request: Request, choices=None, neutral=()
+    ) -> list[Completion]:
         """Scored labels (``decoding: score``) are recorded and replaced the same way."""
         self.batches.append(len(conversations))
         self.asked.extend(c[-1]["content"] for c in conversations)
-        out = super().score(conversations, request, choices)
+        out = super().score(conversations, request, choices, neutral)
         if self.reply is not None:
             out = [self.reply(c, o, request) for c, o in zip(conversations, out, strict=True)]
         return out
@@ -76,5 +78,7 @@ class NoLabelBackend(FakeBackend):
     def complete(self, conversations: list[Messages], request: Request) -> list[Completion]:
         return [Completion("none of them", None, 10, 2, "stop") for _ in conversations]
 
-    def score(self, conversations: list[Messages], request: Request, choices=None) -> list[Completion]:
+    def score(
+        self, conversations: list[Messages], request: Request, choices=None, neutral=()
+    ) -> list[Completion]:
         return self.complete(conversations, request)

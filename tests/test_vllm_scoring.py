@@ -122,3 +122,19 @@ def test_rows_with_their_own_label_sets_are_scored_against_their_own_set(engine)
     shared = engine.score(conversations[::2], _request(first, 5))
     for a, b in zip(found[::2], shared, strict=True):  # the same set, per row or for all: one answer
         assert a.text == b.text and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+def test_calibration_divides_out_what_a_content_free_input_gets(engine):
+    # Calibrated against itself, a content-free input has no evidence for any label: every label of
+    # a set whose first tokens all differ gets the same probability.
+    [blank] = _conversations(LABELS, ["N/A"])
+    [even] = engine.score([blank], _request(LABELS, len(LABELS)), neutral=[blank])
+    assert [math.exp(lp) for _, lp in even.alternatives] == pytest.approx([0.1] * 10, abs=1e-6)
+    [raw] = engine.score([blank], _request(LABELS, len(LABELS)))
+    assert max(math.exp(lp) for _, lp in raw.alternatives) > 0.2  # the bias it removes
+
+    # a real row, calibrated by the three content-free inputs: still a distribution over the set
+    conversations = _conversations(LABELS, _titles(4))
+    neutral = _conversations(LABELS, ["N/A", "", "[MASK]"])
+    for answer in engine.score(conversations, _request(LABELS, len(LABELS)), neutral=neutral):
+        assert math.fsum(math.exp(lp) for _, lp in answer.alternatives) == pytest.approx(1.0, abs=1e-6)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from pipeline.contracts import ANSWER_SCHEMA, SCORE, Completion, Messages, Options, Request, answers_table
-from pipeline.scoring import LabelTrie
+from pipeline.scoring import NEUTRAL_TEXTS, LabelTrie
 
 if TYPE_CHECKING:
     import polars as pl
@@ -115,7 +115,8 @@ class Backend(ABC):
             return ANSWER_SCHEMA.empty_table()
         conversations = [prompt.messages(t) for t in texts]
         if request.decoding == SCORE:
-            return answers_table(self.score(conversations, request))
+            neutral = [prompt.messages(t) for t in NEUTRAL_TEXTS] if request.calibrate else []
+            return answers_table(self.score(conversations, request, neutral=neutral))
         return answers_table(self.complete(conversations, request))
 
     # Scoring a label set (``decoding: score``, see ``pipeline/scoring.py``).
@@ -130,10 +131,12 @@ class Backend(ABC):
         conversations: list[Messages],
         request: Request,
         choices: Sequence[tuple[str, ...]] | None = None,
+        neutral: Sequence[Messages] = (),
     ) -> list[Completion]:
         """The most probable of the choices for each conversation, scored (``pipeline/scoring.py``),
         with ``request.alternatives`` of them in ``Completion.alternatives``. ``choices``: each
-        conversation's own label set; None: ``request.constraint.choice`` for all."""
+        conversation's own label set; None: ``request.constraint.choice`` for all. ``neutral``:
+        content-free conversations of the same prompt, whose answers calibrate the scores."""
         raise NotImplementedError(f"the {self.name} backend can't score a label set")
 
     def label_trie(self, labels: tuple[str, ...], messages: Messages) -> LabelTrie:

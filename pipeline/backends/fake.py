@@ -70,7 +70,10 @@ class FakeBackend(ByteTokens, Backend):
             return self._scores(users, np.full(len(users), other), request)
         return self._answers(users, np.full(len(users), other), request.constraint)
 
-    def score(self, conversations: list[Messages], request: Request, choices=None) -> list[Completion]:
+    def score(
+        self, conversations: list[Messages], request: Request, choices=None, neutral=()
+    ) -> list[Completion]:
+        # ``neutral`` (calibration) is ignored: hashes have no bias to divide out
         if choices is not None:  # each row its own label set: one at a time
             return [
                 self.score([c], replace(request, constraint=Constraint(choice=tuple(x))))[0]

@@ -691,6 +691,7 @@ class OpenAIBackend(ByteTokens, Backend):
         conversations: list[Messages],
         request: Request,
         choices: Sequence[tuple[str, ...]] | None = None,
+        neutral: Sequence[Messages] = (),
     ) -> list[Completion]:
         if not conversations:
             return []
@@ -703,25 +704,56 @@ class OpenAIBackend(ByteTokens, Backend):
             if choices is not None
             else [self.label_trie(tuple(labels), conversations[0])] * len(conversations)
         )
-        return self._run(lambda session: self._score_all(session, conversations, tries, request.alternatives))
+        return self._run(
+            lambda session: self._score_all(session, conversations, tries, request.alternatives, neutral)
+        )
 
     async def _score_all(
-        self, session: _Session, conversations: list[Messages], tries: list[scoring.LabelTrie], top: int
+        self,
+        session: _Session,
+        conversations: list[Messages],
+        tries: list[scoring.LabelTrie],
+        top: int,
+        neutral: Sequence[Messages] = (),
     ) -> list[Completion]:
-        rows = await _all([self._prompt(session, c) for c in conversations])
+        # the rows' prompts, then the content-free ones (calibration): row numbers past the rows
+        everyone = await _all([self._prompt(session, c) for c in [*conversations, *neutral]])
+        rows, calibration = everyone[: len(conversations)], everyone[len(conversations) :]
+        failed = next((row.error for row in calibration if row.error is not None), None)
+        if failed is not None:
+            raise BackendError(f"the content-free prompts for calibration could not be tokenized: {failed}")
+        owners = [*tries, *([tries[0]] * len(neutral))]
         live = [i for i, row in enumerate(rows) if row.error is None]
         self.answered(len(rows) - len(live))
-        searches = [scoring.Search(tries[i], top) for i in live]
         loop = asyncio.get_running_loop()
 
-        def ask(requests: list[tuple[int, scoring.Node]]) -> list[dict[int, float]]:
-            steps = [self._step(session, rows[live[n]], tries[live[n]], node) for n, node in requests]
+        def ask_rows(requests: list[tuple[int, scoring.Node]]) -> list[dict[int, float]]:
+            steps = [self._step(session, everyone[r], owners[r], node) for r, node in requests]
             return asyncio.run_coroutine_threadsafe(_all(steps), loop).result()
+
+        def ask(requests: list[tuple[int, scoring.Node]]) -> list[dict[int, float]]:
+            return ask_rows([(live[n], node) for n, node in requests])
+
+        key = tuple(tuple(row.prompt) for row in calibration)
+
+        def search() -> list[scoring.Search]:
+            if neutral:  # the content-free prompts' answers at every node, once per label set
+                scoring.read_priors(tries, range(len(rows), len(everyone)), key, ask_rows)
+                failed = next((row.error for row in calibration if row.error is not None), None)
+                if failed is not None:  # a prior read with gaps would skew every row: not kept
+                    for trie in tries:
+                        trie.priors.pop(key, None)
+                    raise BackendError(f"the content-free prompts for calibration got no answer: {failed}")
+            found = [
+                scoring.Search(tries[i], top, tries[i].priors.get(key) if neutral else None) for i in live
+            ]
+            scoring.search_all(found, ask)
+            return found
 
         # The search asks step by step and waits for each; it runs beside this event loop, which
         # sends every step's requests on the one session (its concurrency and rate limits hold
         # across steps as across rows).
-        await asyncio.to_thread(scoring.search_all, searches, ask)
+        searches = await asyncio.to_thread(search)
         finished = dict(zip(live, searches, strict=True))
         return [
             replace(scoring.answer(finished[i], len(row.prompt), row.cached), retries=row.retries)

@@ -452,6 +452,7 @@ class VllmBackend(Backend):
         conversations: list[Messages],
         request: Request,
         choices: Sequence[tuple[str, ...]] | None = None,
+        neutral: Sequence[Messages] = (),
     ) -> list[Completion]:
         if not conversations:
             return []
@@ -474,24 +475,23 @@ class VllmBackend(Backend):
             )
         from vllm import SamplingParams
 
-        searches = [scoring.Search(trie, request.alternatives) for trie in tries]
-        prompts = [self._template_ids(c, generation=True) for c in conversations]
+        rows = len(conversations)
+        # the rows' prompts, then the content-free ones (calibration): row numbers past ``rows``
+        prompts = [self._template_ids(c, generation=True) for c in [*conversations, *neutral]]
         first: list[tuple[int, int | None]] = [(len(p), None) for p in prompts]
-        opening = [True] * len(conversations)
+        opening = [True] * len(prompts)
 
         def ask(requests: list[tuple[int, scoring.Node]]) -> list[dict[int, float]]:
             # greedy: the model's own log-probabilities; the mask only renormalises them over the
             # allowed tokens (processed_logprobs)
-            sampling = []
-            for row, node in requests:
-                allowed = tries[row].allowed(node)
-                sampling.append(
-                    SamplingParams(
-                        temperature=0.0, max_tokens=1, allowed_token_ids=allowed, logprobs=len(allowed)
-                    )
+            sampling = [
+                SamplingParams(
+                    temperature=0.0, max_tokens=1, allowed_token_ids=node.allowed, logprobs=len(node.allowed)
                 )
+                for _, node in requests
+            ]
             token_prompts = [{"prompt_token_ids": prompts[row] + list(node.prefix)} for row, node in requests]
-            counting = any(opening[row] for row, _ in requests) and self.on_answers is not None
+            counting = self.on_answers is not None and any(opening[r] and r < rows for r, _ in requests)
             try:
                 outputs = self._llm.generate(
                     token_prompts, sampling, use_tqdm=_answer_counter(self) if counting else False
@@ -512,10 +512,17 @@ class VllmBackend(Backend):
                 found.append({token: lp.logprob for token, lp in step.items()})
             return found
 
+        key = tuple(tuple(p) for p in prompts[rows:])
+        if neutral:  # the content-free prompts' answers at every node, once per label set
+            scoring.read_priors(tries, range(rows, len(prompts)), key, ask)
+        searches = [
+            scoring.Search(trie, request.alternatives, trie.priors.get(key) if neutral else None)
+            for trie in tries
+        ]
         scoring.search_all(searches, ask)
         return [
             scoring.answer(search, tokens, cached)
-            for search, (tokens, cached) in zip(searches, first, strict=True)
+            for search, (tokens, cached) in zip(searches, first[:rows], strict=True)
         ]
 
     def version(self) -> str:

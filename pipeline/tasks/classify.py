@@ -51,6 +51,12 @@ class ClassifySettings(Options):
     README, "How confidence is computed"). ``constrained``: the answer is generated token by token
     within the label set. ``auto``: ``score`` where it applies (single label, greedy sampling, a
     backend that can score), else ``constrained``; ``labelmill validate`` says which and why."""
+    score_calibration: Literal["content_free", "none"] = "content_free"
+    """With ``score``: ``content_free`` divides each label's probability by what the same prompt
+    gives it for content-free inputs (``N/A``, an empty text, ``[MASK]``), at every step, and
+    normalises again: a label whose first token is a common fragment (``S`` for ``Sunscreen``) or
+    that the prompt favours no longer wins rows it has no evidence for (contextual calibration).
+    Costs a few requests per label set per run. ``none``: the model's probabilities as they are."""
     label_probs: int = Field(default=0, ge=0)
     """With ``score``: an output column ``label_probs`` with this many of the most probable labels
     and their probabilities (list of ``{label, prob}``, most probable first). 0: no column."""
@@ -111,7 +117,14 @@ class ClassifyTask(Task):
     def request(self) -> Request:
         if not self.scored:
             return super().request()
-        return Request(self.constraint(), self.max_tokens(), self.sampling, SCORE, max(1, self.label_probs))
+        return Request(
+            self.constraint(),
+            self.max_tokens(),
+            self.sampling,
+            SCORE,
+            max(1, self.label_probs),
+            calibrate=self.settings.score_calibration == "content_free",
+        )
 
     @property
     def single_label(self) -> bool:
@@ -181,7 +194,11 @@ class ClassifyTask(Task):
     def describe(self) -> dict:
         described = {"labels": self.labels, "labels_max": self.labels_max}
         if self.scored:  # constrained jobs keep the fingerprint they had before scoring existed
-            described |= {"decoding": SCORE, "label_probs": self.label_probs}
+            described |= {
+                "decoding": SCORE,
+                "label_probs": self.label_probs,
+                "score_calibration": self.settings.score_calibration,
+            }
         return described
 
     def parse(self, completion: Completion, truncated: bool) -> RowResult:
