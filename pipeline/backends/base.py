@@ -139,6 +139,19 @@ class Backend(ABC):
         content-free conversations of the same prompt, whose answers calibrate the scores."""
         raise NotImplementedError(f"the {self.name} backend can't score a label set")
 
+    def score_tries(
+        self,
+        conversations: list[Messages],
+        request: Request,
+        choices: Sequence[tuple[str, ...]] | None = None,
+    ) -> list[LabelTrie]:
+        """Each conversation's label trie: its own set's (``choices``), or the request's for all."""
+        if choices is not None:
+            return [self.label_trie(tuple(c), conversations[0]) for c in choices]
+        if request.constraint.choice is None:
+            raise ValueError("scoring needs a choice constraint or per-row choices")
+        return [self.label_trie(tuple(request.constraint.choice), conversations[0])] * len(conversations)
+
     def label_trie(self, labels: tuple[str, ...], messages: Messages) -> LabelTrie:
         """The token trie of ``labels`` as this model writes them after the chat template's opening
         of the answer (``messages``: any conversation of the job); built once per label set."""

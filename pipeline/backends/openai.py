@@ -695,15 +695,8 @@ class OpenAIBackend(ByteTokens, Backend):
     ) -> list[Completion]:
         if not conversations:
             return []
-        labels = request.constraint.choice
-        if choices is None and labels is None:
-            raise ValueError("scoring needs a choice constraint or per-row choices")
         self._start_scoring()
-        tries = (
-            [self.label_trie(tuple(c), conversations[0]) for c in choices]
-            if choices is not None
-            else [self.label_trie(tuple(labels), conversations[0])] * len(conversations)
-        )
+        tries = self.score_tries(conversations, request, choices)
         return self._run(
             lambda session: self._score_all(session, conversations, tries, request.alternatives, neutral)
         )

@@ -456,14 +456,7 @@ class VllmBackend(Backend):
     ) -> list[Completion]:
         if not conversations:
             return []
-        labels = request.constraint.choice
-        if choices is None and labels is None:
-            raise ValueError("scoring needs a choice constraint or per-row choices")
-        tries = (
-            [self.label_trie(tuple(c), conversations[0]) for c in choices]
-            if choices is not None
-            else [self.label_trie(tuple(labels), conversations[0])] * len(conversations)
-        )
+        tries = self.score_tries(conversations, request, choices)
         self._logprobs_needed = max(trie.width for trie in {id(t): t for t in tries}.values())
         self.start()
         limit = self._llm.llm_engine.model_config.max_logprobs
