@@ -12,8 +12,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import default_table
 
 from pipeline.cache import _BEFORE_ALTERNATIVES, ResultCache
 from pipeline.cli import main
@@ -136,3 +138,28 @@ def test_answer_files_from_before_scoring_are_still_read(tmp_path):
     assert answers.column("alternatives").null_count == 2
     assert np.allclose(answers.column("logprob").to_numpy(), [-0.3, -0.1])
     cache.close()
+
+
+def test_eval_reads_the_label_probabilities(make_job, tmp_path):
+    from pipeline.evaluation import evaluate
+
+    job = make_job(default_table(60), label_probs=3)
+    labels = job.spec["labels"]
+    gold = pa.table(
+        {"id": pa.array(range(1000, 1060), pa.int64()), "category": [labels[i % 3] for i in range(60)]}
+    )
+    pq.write_table(gold, tmp_path / "gold.parquet")
+    run_job(job.load())
+    report = evaluate(
+        job.output, tmp_path / "gold.parquet", on="id", charts=False, thresholds=[0.0, 0.1, 0.5]
+    )
+    scored = report["classification"]
+    lp = scored["label_probs"]
+    assert lp["k"] == 3 and lp["rows_with_label_probs"] == 60
+    top = [t["accuracy"] for t in lp["top_k_accuracy"]]
+    assert top[0] == pytest.approx(scored["accuracy"])  # the first label is the label
+    assert top == sorted(top) and top[-1] > top[0]  # a longer shortlist holds the gold more often
+    accepted = [t["accepted"] for t in lp["margin_thresholds"]]
+    assert accepted[0] == 60 and accepted == sorted(accepted, reverse=True)
+    assert 0 < lp["mean_margin"] < 1 and lp["mean_entropy"] > 0
+    assert "## Label probabilities (`label_probs`, top 3)" in (job.output / "eval" / "eval.md").read_text()

@@ -83,7 +83,7 @@ from pipeline.evaluation.charts import (
     reliability_png,
     require_matplotlib,
 )
-from pipeline.evaluation.classification import NONE, calibration, classification_metrics
+from pipeline.evaluation.classification import NONE, calibration, classification_metrics, label_probs_metrics
 from pipeline.evaluation.extraction import extraction_metrics, gold_attributes
 from pipeline.evaluation.gold import NULL_LIKE, NullValues, parse_null_values, read_label_gold
 from pipeline.evaluation.multilabel import _label_set, label_in_set_metrics, multilabel_metrics
@@ -253,6 +253,13 @@ def evaluate(
                 confusion_png(metrics["confusion"], out / "confusion.png")
                 files.append("confusion.png")
         metrics["calibration"] = calibration(correct, conf, thresholds)
+        if "label_probs" in run.table.column_names:
+            gold_sets = gold if gold_labels.sets else [{g} for g in gold]
+            probs = [
+                p if ok else None
+                for p, ok in zip(_take(run.table, "label_probs", rows), labelled, strict=True)
+            ]
+            metrics["label_probs"] = label_probs_metrics(gold_sets, probs, thresholds)
         if charts:
             reliability_png(metrics["calibration"], out / "reliability.png")
             files.append("reliability.png")

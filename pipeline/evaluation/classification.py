@@ -127,3 +127,38 @@ def lowest_threshold(rows: list[tuple[float, bool]], scored: int, target: float)
                 "accuracy": right / taken,
             }
     return best
+
+
+def label_probs_metrics(
+    gold: list[set[str]], probs: list[list[dict] | None], thresholds: list[float]
+) -> dict:
+    """What a run's ``label_probs`` (the K most probable labels of each row) say beyond its label:
+    how often the gold label is among the first k (k = 1..K: a shortlist's recall), the margin
+    between the first two probabilities and the entropy of the reported distribution (the mass
+    beyond the K as one outcome), and how accuracy rises when only rows with a margin of at least
+    t are accepted. ``gold`` holds each scored row's right labels; ``probs`` is None for a row
+    without label probabilities (not labelled), which counts as wrong everywhere."""
+    scored = len(gold)
+    k = max((len(p) for p in probs if p), default=0)
+    top = []
+    for n in range(1, k + 1):
+        hits = sum(bool(p) and any(x["label"] in g for x in p[:n]) for p, g in zip(probs, gold, strict=True))
+        top.append({"k": n, "accuracy": _ratio(hits, scored)})
+    rows, entropies = [], []
+    for p, g in zip(probs, gold, strict=True):
+        if not p:
+            continue
+        values = [x["prob"] for x in p]
+        margin = values[0] - (values[1] if len(values) > 1 else max(0.0, 1.0 - values[0]))
+        rows.append((margin, p[0]["label"] in g))
+        rest = max(0.0, 1.0 - sum(values))
+        entropies.append(-sum(v * math.log(v) for v in [*values, rest] if v > 0))
+    return {
+        "k": k,
+        "rows_with_label_probs": len(rows),
+        "top_k_accuracy": top,
+        "mean_margin": sum(m for m, _ in rows) / len(rows) if rows else None,
+        "mean_entropy": sum(entropies) / len(entropies) if entropies else None,
+        "margin_thresholds": [_accepted(rows, t, scored) for t in thresholds],
+        "lowest_margin_for_target": lowest_threshold(rows, scored, PRECISION_TARGET),
+    }

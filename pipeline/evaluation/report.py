@@ -161,7 +161,38 @@ def _classification_md(m: dict, files: set[str]) -> list[str]:
     ]
     if "confusion.png" in files:
         lines += ["", "![confusion matrix](confusion.png)"]
-    return lines + _calibration_md(m["calibration"], files)
+    return lines + _calibration_md(m["calibration"], files) + _label_probs_md(m.get("label_probs"))
+
+
+def _label_probs_md(lp: dict | None) -> list[str]:
+    if not lp or not lp["k"]:
+        return []
+    lines = [
+        "",
+        f"## Label probabilities (`label_probs`, top {lp['k']})",
+        "",
+        f"Rows with label probabilities: {lp['rows_with_label_probs']}. Mean margin (first minus "
+        f"second probability): {_f(lp['mean_margin'])}; mean entropy: {_f(lp['mean_entropy'])} nats.",
+        "",
+        "| gold among the first k | accuracy |",
+        "|---:|---:|",
+        *(f"| {t['k']} | {_f(t['accuracy'])} |" for t in lp["top_k_accuracy"]),
+        "",
+        "| accept if margin >= | accepted rows | share of scored rows | accuracy |",
+        "|---:|---:|---:|---:|",
+        *(
+            f"| {t['threshold']:g} | {t['accepted']} | {_pct(t['share'])} | {_f(t['accuracy'])} |"
+            for t in lp["margin_thresholds"]
+        ),
+    ]
+    best = lp["lowest_margin_for_target"]
+    if best is not None:
+        lines += [
+            "",
+            f"Lowest margin with 95% accuracy on the accepted rows: **{best['threshold']:.4g}**, "
+            f"accepting {best['accepted']} rows ({_pct(best['share'])} of scored rows).",
+        ]
+    return lines
 
 
 def _calibration_md(cal: dict, files: set[str]) -> list[str]:
@@ -226,7 +257,7 @@ def _classification_sets_md(m: dict, files: set[str]) -> list[str]:
         *_per_label_md(m["per_label"]),
         *_not_in_label_set_md(m),
     ]
-    return lines + _calibration_md(m["calibration"], files)
+    return lines + _calibration_md(m["calibration"], files) + _label_probs_md(m.get("label_probs"))
 
 
 def _averages_md(m: dict, names: tuple[str, ...]) -> list[str]:
