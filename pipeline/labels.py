@@ -12,18 +12,24 @@ from pathlib import Path
 
 from pipeline.errors import LabelsError
 
-# Shopify taxonomy line: "gid://shopify/TaxonomyCategory/aa-1   : Apparel & Accessories > Clothing"
-_TAXONOMY_LINE = re.compile(r"^gid://\S+\s+:\s+(?P<path>.+)$")
+# Taxonomy lines, with the category's id: Shopify's
+# "gid://shopify/TaxonomyCategory/aa-1   : Apparel & Accessories > Clothing", and Google's
+# "166 - Apparel & Accessories > Clothing" (taxonomy-with-ids.*.txt)
+_TAXONOMY_LINE = re.compile(r"^(?:gid://\S+\s+:\s+|\d+ - )(?P<path>.+)$")
 _TAXONOMY_SEP = " > "
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # Control characters, and the line and paragraph separators, which would split a prompt line.
 _UNPRINTABLE = {"Cc", "Zl", "Zp"}
 
 
-def load_labels(labels: list[str] | None, labels_file: str | None, max_depth: int | None = None) -> list[str]:
-    """Return the validated label list, in the order given."""
+def load_labels(
+    labels: list[str] | None, labels_file: str | None, max_depth: int | None = None, assign: str = "any"
+) -> list[str]:
+    """Return the validated label list, in the order given. For a taxonomy file: every category
+    (``assign="any"``) or only those with no category below them (``"leaf"``), at most
+    ``max_depth`` deep."""
     if labels_file is not None:
-        labels, line_numbers = _read_labels_file(Path(labels_file), max_depth)
+        labels, line_numbers = _read_labels_file(Path(labels_file), max_depth, assign)
         return validate_labels(labels, f"labels file {labels_file}", line_numbers)
     return validate_labels(list(labels or []), "labels")
 
@@ -69,7 +75,7 @@ def validate_labels(labels: list[str], where: str, line_numbers: list[int] | Non
     return cleaned
 
 
-def _read_labels_file(path: Path, max_depth: int | None) -> tuple[list[str], list[int]]:
+def _read_labels_file(path: Path, max_depth: int | None, assign: str = "any") -> tuple[list[str], list[int]]:
     """The file's labels and the line number of each."""
     try:
         data = path.read_bytes()
@@ -89,15 +95,47 @@ def _read_labels_file(path: Path, max_depth: int | None) -> tuple[list[str], lis
     taxonomy = [_TAXONOMY_LINE.match(ln) for _, ln in numbered]
     if numbered and all(taxonomy):
         paths = [(n, m.group("path").strip()) for (n, _), m in zip(numbered, taxonomy, strict=True)]
-        if max_depth is not None:
-            paths = [(n, p) for n, p in paths if p.count(_TAXONOMY_SEP) < max_depth]
-        return [p for _, p in paths], [n for n, _ in paths]
-    if any(taxonomy):
+    elif any(taxonomy):
         bad = next(n for (n, _), m in zip(numbered, taxonomy, strict=True) if not m)
         raise LabelsError(
-            f"labels file {path}: mixes taxonomy lines (gid://...) with plain lines, first at line {bad}",
+            f"labels file {path}: mixes taxonomy lines (gid://... or 'ID - ...') with plain lines, "
+            f"first at line {bad}",
             hint="a labels file holds either taxonomy lines or plain labels, one per line",
         )
+    elif any(_TAXONOMY_SEP in ln for _, ln in numbered):
+        paths = numbered  # plain lines holding paths ("A > B > C"): a taxonomy without ids
+    else:
+        if max_depth is not None or assign != "any":
+            raise LabelsError(f"labels file {path}: labels_max_depth and assign need a taxonomy file")
+        return [ln for _, ln in numbered], [n for n, _ in numbered]
+    return _taxonomy_labels(path, paths, max_depth, assign)
+
+
+def _taxonomy_labels(
+    path: Path, paths: list[tuple[int, str]], max_depth: int | None, assign: str
+) -> tuple[list[str], list[int]]:
+    """A taxonomy's categories as labels (the full path each), exact repeats merged with a warning."""
+    from pipeline import logs
+
+    first: dict[str, int] = {}
+    repeats = []
+    for n, label in paths:
+        label = _TAXONOMY_SEP.join(part.strip() for part in label.split(_TAXONOMY_SEP))
+        if label in first:
+            repeats.append(f"line {n} (= line {first[label]})")
+        else:
+            first[label] = n
+    if repeats:  # the same category listed twice is one category, not an ambiguous label set
+        logs.get("labels").warning(
+            "labels file %s: %d category path(s) listed more than once, merged: %s",
+            path,
+            len(repeats),
+            ", ".join(repeats[:5]),
+        )
     if max_depth is not None:
-        raise LabelsError(f"labels file {path}: labels_max_depth needs a taxonomy file")
-    return [ln for _, ln in numbered], [n for n, _ in numbered]
+        first = {label: n for label, n in first.items() if label.count(_TAXONOMY_SEP) < max_depth}
+    if assign == "leaf":  # the leaves of the tree as cut at max_depth
+        parts = [label.split(_TAXONOMY_SEP) for label in first]
+        inner = {_TAXONOMY_SEP.join(p[:i]) for p in parts for i in range(1, len(p))}
+        first = {label: n for label, n in first.items() if label not in inner}
+    return list(first), list(first.values())

@@ -211,3 +211,71 @@ def test_taxonomy_file_with_utf8_bom(tmp_path: Path) -> None:
         ).encode("utf-8-sig")
     )
     assert load_labels(None, str(path)) == ["Apparel & Accessories", "Food, Beverages & Tobacco"]
+
+
+def test_google_taxonomy_lines_with_ids(tmp_path: Path) -> None:
+    path = tmp_path / "taxonomy-with-ids.pl-PL.txt"
+    path.write_text(
+        "# Google_Product_Taxonomy_Version: 2021-09-21\n"
+        "1 - Zwierzęta i artykuły dla zwierząt\n"
+        "3237 - Zwierzęta i artykuły dla zwierząt > Żywe zwierzęta\n"
+        "2 - Zwierzęta i artykuły dla zwierząt > Artykuły dla zwierząt\n"
+        "3 - Zwierzęta i artykuły dla zwierząt > Artykuły dla zwierząt > Artykuły dla ptaków\n"
+        "166 - Odzież i akcesoria\n",
+        encoding="utf-8",
+    )
+    assert load_labels(None, str(path), max_depth=1) == [
+        "Zwierzęta i artykuły dla zwierząt",
+        "Odzież i akcesoria",
+    ]
+    assert load_labels(None, str(path), assign="leaf") == [
+        "Zwierzęta i artykuły dla zwierząt > Żywe zwierzęta",
+        "Zwierzęta i artykuły dla zwierząt > Artykuły dla zwierząt > Artykuły dla ptaków",
+        "Odzież i akcesoria",
+    ]
+    # the leaves of the tree as cut at depth 2
+    assert load_labels(None, str(path), max_depth=2, assign="leaf") == [
+        "Zwierzęta i artykuły dla zwierząt > Żywe zwierzęta",
+        "Zwierzęta i artykuły dla zwierząt > Artykuły dla zwierząt",
+        "Odzież i akcesoria",
+    ]
+
+
+def test_plain_path_lines_are_a_taxonomy(tmp_path: Path) -> None:
+    path = tmp_path / "paths.txt"
+    path.write_text("Home > Kitchen > Kettles\nHome > Garden\nToys\nHome\n", encoding="utf-8")
+    assert load_labels(None, str(path), max_depth=1) == ["Toys", "Home"]
+    # "Home" has categories below it even though "Home > Kitchen" is not listed on its own
+    assert load_labels(None, str(path), assign="leaf") == [
+        "Home > Kitchen > Kettles",
+        "Home > Garden",
+        "Toys",
+    ]
+
+
+def test_a_category_listed_twice_is_merged_with_a_warning(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "categories.txt"
+    path.write_text(
+        "gid://shopify/TaxonomyCategory/aa : Apparel\n"
+        "gid://shopify/TaxonomyCategory/aa-1 : Apparel > Shirts\n"
+        "gid://shopify/TaxonomyCategory/aa-9 : Apparel > Shirts\n",
+        encoding="utf-8",
+    )
+    assert load_labels(None, str(path)) == ["Apparel", "Apparel > Shirts"]
+    assert "line 3 (= line 2)" in caplog.text and "merged" in caplog.text
+
+
+def test_the_whole_polish_shopify_taxonomy_loads() -> None:
+    # it lists two category paths twice: merged, not refused
+    labels = load_labels(None, str(TAXONOMY_PL))
+    assert len(labels) == len(set(labels)) > 10_000
+    leaves = load_labels(None, str(TAXONOMY_PL), assign="leaf")
+    assert set(leaves) < set(labels)
+    assert not any(other.startswith(leaf + " > ") for leaf in leaves[:200] for other in labels)
+
+
+def test_assign_and_depth_need_a_taxonomy(tmp_path: Path) -> None:
+    path = tmp_path / "labels.txt"
+    path.write_text("Coffee\nTea\n", encoding="utf-8")
+    with pytest.raises(LabelsError, match="need a taxonomy"):
+        load_labels(None, str(path), assign="leaf")

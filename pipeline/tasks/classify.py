@@ -43,6 +43,9 @@ class ClassifySettings(Options):
     ``categories.txt`` (``gid://... : A > B > C``), where each label is the full path."""
     labels_max_depth: int | None = Field(default=None, ge=1)
     """For taxonomy files: keep categories at most this deep (1 = top level only)."""
+    assign: Literal["any", "leaf"] = "any"
+    """For taxonomy files: ``any`` category may be the answer, or only a ``leaf`` (a category with
+    none below it, in the tree as cut at ``labels_max_depth``)."""
     labels_max: int | None = Field(default=None, ge=2)
     """Multi-label classification: up to this many labels per row (output column ``labels``)."""
     decoding: Literal["auto", "score", "constrained"] = "auto"
@@ -67,6 +70,8 @@ class ClassifySettings(Options):
             raise ValueError("give exactly one of 'labels' or 'labels_file'")
         if self.labels_max_depth is not None and self.labels_file is None:
             raise ValueError("'labels_max_depth' applies to 'labels_file' only")
+        if self.assign != "any" and self.labels_file is None:
+            raise ValueError("'assign' applies to taxonomy files ('labels_file') only")
         if self.labels_max and self.decoding == "score":
             raise ValueError("decoding: score picks one label; multi-label (labels_max) is constrained")
         if self.labels_max and self.label_probs:
@@ -84,7 +89,9 @@ class ClassifyTask(Task):
 
     def __init__(self, settings: ClassifySettings, sampling: Sampling | None = None) -> None:
         super().__init__(settings, sampling or Sampling())
-        self.labels = load_labels(settings.labels, settings.labels_file, settings.labels_max_depth)
+        self.labels = load_labels(
+            settings.labels, settings.labels_file, settings.labels_max_depth, settings.assign
+        )
         self.labels_max = settings.labels_max if settings.labels_max and settings.labels_max > 1 else None
         self._max_tokens = self.sampling.max_tokens
         self._label_set = set(self.labels)
