@@ -29,3 +29,11 @@ def test_nightly_rerun_script():
     figures = json.loads(out[out.index("{") :])
     assert figures["model_calls_night2"] == figures["new_distinct_texts"] == 60
     assert figures["output_equals_uncached_run"] is True
+
+
+def test_retrieval_script(tmp_path):
+    _script("retrieval.py", "--rows", "500", "--repeats", "1", "--out", str(tmp_path / "r.json"))
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert figures["labels"] > 10_000 and figures["rows"] == 500 and figures["median_rows_per_second"] > 0
+    recall = figures["wands_recall_at_k"]
+    assert 0 < recall["1"] <= recall["5"] <= recall["10"] <= recall["20"] <= 1
