@@ -83,7 +83,13 @@ from pipeline.evaluation.charts import (
     reliability_png,
     require_matplotlib,
 )
-from pipeline.evaluation.classification import NONE, calibration, classification_metrics, label_probs_metrics
+from pipeline.evaluation.classification import (
+    NONE,
+    calibration,
+    classification_metrics,
+    hierarchy_metrics,
+    label_probs_metrics,
+)
 from pipeline.evaluation.extraction import extraction_metrics, gold_attributes
 from pipeline.evaluation.gold import NULL_LIKE, NullValues, parse_null_values, read_label_gold
 from pipeline.evaluation.multilabel import _label_set, label_in_set_metrics, multilabel_metrics
@@ -244,6 +250,9 @@ def evaluate(
         else:
             report["kind"] = "classify"
             metrics = classification_metrics(gold, preds)
+            hierarchy = hierarchy_metrics(gold, preds)
+            if hierarchy is not None:
+                metrics["hierarchy"] = hierarchy
             correct = [p == g for p, g in zip(preds, gold, strict=True)]
             _labels_outside(metrics, set(gold), label_set)
             report["classification"] = metrics

@@ -162,3 +162,38 @@ def label_probs_metrics(
         "margin_thresholds": [_accepted(rows, t, scored) for t in thresholds],
         "lowest_margin_for_target": lowest_threshold(rows, scored, PRECISION_TARGET),
     }
+
+
+PATH_SEP = " > "
+
+
+def hierarchy_metrics(gold: list[str], predicted: list[str | None]) -> dict | None:
+    """For labels that are taxonomy paths (``A > B > C``): accuracy at each level (the first d
+    parts of the path equal; rows whose gold is shallower than d are not counted at level d) and
+    hierarchical precision, recall and F1 over ancestor sets (Kiritchenko et al., 2005: a path
+    stands for itself and every ancestor, so a near miss earns part of the credit). A row without a
+    label predicts nothing: it costs recall. None when no gold label is a path."""
+    if not any(PATH_SEP in g for g in gold):
+        return None
+    split_gold = [g.split(PATH_SEP) for g in gold]
+    split_pred = [p.split(PATH_SEP) if p else [] for p in predicted]
+    depth = max(len(g) for g in split_gold)
+    levels = []
+    for d in range(1, depth + 1):
+        rows = [(g, p) for g, p in zip(split_gold, split_pred, strict=True) if len(g) >= d]
+        right = sum(p[:d] == g[:d] for g, p in rows)
+        levels.append({"level": d, "rows": len(rows), "accuracy": _ratio(right, len(rows))})
+    shared = claimed = true = 0
+    for g, p in zip(split_gold, split_pred, strict=True):
+        ancestors_g = {tuple(g[:i]) for i in range(1, len(g) + 1)}
+        ancestors_p = {tuple(p[:i]) for i in range(1, len(p) + 1)}
+        shared += len(ancestors_g & ancestors_p)
+        claimed += len(ancestors_p)
+        true += len(ancestors_g)
+    precision, recall = _ratio(shared, claimed), _ratio(shared, true)
+    return {
+        "levels": levels,
+        "hierarchical_precision": precision,
+        "hierarchical_recall": recall,
+        "hierarchical_f1": _f1(precision, recall),
+    }

@@ -161,7 +161,28 @@ def _classification_md(m: dict, files: set[str]) -> list[str]:
     ]
     if "confusion.png" in files:
         lines += ["", "![confusion matrix](confusion.png)"]
-    return lines + _calibration_md(m["calibration"], files) + _label_probs_md(m.get("label_probs"))
+    return (
+        lines
+        + _hierarchy_md(m.get("hierarchy"))
+        + _calibration_md(m["calibration"], files)
+        + _label_probs_md(m.get("label_probs"))
+    )
+
+
+def _hierarchy_md(h: dict | None) -> list[str]:
+    if not h:
+        return []
+    return [
+        "",
+        "## Taxonomy paths",
+        "",
+        f"Hierarchical precision {_f(h['hierarchical_precision'])}, recall {_f(h['hierarchical_recall'])}, "
+        f"F1 **{_f(h['hierarchical_f1'])}** (ancestor sets: a near miss earns part of the credit).",
+        "",
+        "| level | rows | accuracy (first parts of the path equal) |",
+        "|---:|---:|---:|",
+        *(f"| {x['level']} | {x['rows']} | {_f(x['accuracy'])} |" for x in h["levels"]),
+    ]
 
 
 def _label_probs_md(lp: dict | None) -> list[str]:
