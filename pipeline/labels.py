@@ -15,7 +15,7 @@ from pipeline.errors import LabelsError
 # Taxonomy lines, with the category's id: Shopify's
 # "gid://shopify/TaxonomyCategory/aa-1   : Apparel & Accessories > Clothing", and Google's
 # "166 - Apparel & Accessories > Clothing" (taxonomy-with-ids.*.txt)
-_TAXONOMY_LINE = re.compile(r"^(?:gid://\S+\s+:\s+|\d+ - )(?P<path>.+)$")
+_TAXONOMY_LINE = re.compile(r"^(?:(?P<gid>gid://\S+)\s+:\s+|(?P<number>\d+) - )(?P<path>.+)$")
 _TAXONOMY_SEP = " > "
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # Control characters, and the line and paragraph separators, which would split a prompt line.
@@ -120,7 +120,7 @@ def _taxonomy_labels(
     first: dict[str, int] = {}
     repeats = []
     for n, label in paths:
-        label = _TAXONOMY_SEP.join(part.strip() for part in label.split(_TAXONOMY_SEP))
+        label = _tidy_path(label)
         if label in first:
             repeats.append(f"line {n} (= line {first[label]})")
         else:
@@ -139,3 +139,24 @@ def _taxonomy_labels(
         inner = {_TAXONOMY_SEP.join(p[:i]) for p in parts for i in range(1, len(p))}
         first = {label: n for label, n in first.items() if label not in inner}
     return list(first), list(first.values())
+
+
+def _tidy_path(path: str) -> str:
+    """A category path with single spaces around each `` > ``."""
+    return _TAXONOMY_SEP.join(part.strip() for part in path.strip().split(_TAXONOMY_SEP))
+
+
+def taxonomy_ids(labels_file: str) -> dict[str, str]:
+    """Each category path of a taxonomy file with ids (Shopify's ``gid://...``, Google's number)
+    mapped to its id, the first one where a path is listed twice; empty for any other file. Read
+    after ``load_labels`` has checked the file."""
+    ids: dict[str, str] = {}
+    text = Path(labels_file).read_bytes().decode("utf-8-sig")
+    for line in _LINE_BREAK.split(text):
+        found = _TAXONOMY_LINE.match(line.strip())
+        if found:
+            label = _TAXONOMY_SEP.join(
+                part.strip() for part in found.group("path").strip().split(_TAXONOMY_SEP)
+            )
+            ids.setdefault(unicodedata.normalize("NFC", label), found.group("gid") or found.group("number"))
+    return ids

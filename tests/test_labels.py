@@ -279,3 +279,30 @@ def test_assign_and_depth_need_a_taxonomy(tmp_path: Path) -> None:
     path.write_text("Coffee\nTea\n", encoding="utf-8")
     with pytest.raises(LabelsError, match="need a taxonomy"):
         load_labels(None, str(path), assign="leaf")
+
+
+def test_a_taxonomy_run_gives_each_label_its_id_and_path(make_job, read_parts, tmp_path: Path) -> None:
+    from pipeline.runner import run_job
+
+    path = tmp_path / "taxonomy-with-ids.txt"
+    path.write_text(
+        "1 - Animals\n3237 - Animals > Live Animals\n2 - Animals > Pet Supplies\n166 - Apparel\n",
+        encoding="utf-8",
+    )
+    job = make_job(labels=None, labels_file=str(path), assign="leaf")
+    run_job(job.load())
+    ids = {"Animals > Live Animals": "3237", "Animals > Pet Supplies": "2", "Apparel": "166"}
+    rows = read_parts(job.output).to_pylist()
+    assert rows and all(r["status"] == "ok" for r in rows)
+    for row in rows:
+        assert row["label_id"] == ids[row["label"]]
+        assert row["label_path"] == row["label"].split(" > ")
+
+
+def test_plain_labels_get_no_taxonomy_columns(make_job, read_parts) -> None:
+    from pipeline.runner import run_job
+
+    job = make_job()
+    run_job(job.load())
+    names = read_parts(job.output).column_names
+    assert "label_id" not in names and "label_path" not in names

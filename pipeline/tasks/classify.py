@@ -27,9 +27,10 @@ from pydantic import Field, model_validator
 
 from pipeline.contracts import GENERATE, SCORE, Completion, Constraint, Options, Request, Sampling, Status
 from pipeline.errors import ConfigError
-from pipeline.labels import load_labels
+from pipeline.labels import load_labels, taxonomy_ids
 from pipeline.tasks.base import TRUNCATED_NOTE, RowResult, Task
 
+_PATH_SEP = " > "
 LABEL_PROBS_TYPE = pa.list_(pa.struct([pa.field("label", pa.string()), pa.field("prob", pa.float64())]))
 
 
@@ -95,6 +96,11 @@ class ClassifyTask(Task):
         self.labels_max = settings.labels_max if settings.labels_max and settings.labels_max > 1 else None
         self._max_tokens = self.sampling.max_tokens
         self._label_set = set(self.labels)
+        # labels from a taxonomy: the output also gives each label's path as a list, and its id
+        # where the file has ids
+        self.taxonomy = any(_PATH_SEP in label for label in self.labels)
+        ids = taxonomy_ids(settings.labels_file) if settings.labels_file else {}
+        self.label_ids = {label: ids[label] for label in self.labels if label in ids}
         self.label_probs = settings.label_probs
         self.decoding = SCORE if settings.decoding != "constrained" and not self.labels_max else GENERATE
         self.decoding_note: str | None = None
@@ -155,6 +161,10 @@ class ClassifyTask(Task):
             fields.append(pa.field("labels", pa.list_(pa.string())))
         if self.label_probs:
             fields.append(pa.field("label_probs", LABEL_PROBS_TYPE))
+        if self.label_ids:
+            fields.append(pa.field("label_id", pa.string()))
+        if self.taxonomy:
+            fields.append(pa.field("label_path", pa.list_(pa.string())))
         return fields
 
     def prompt_values(self, language: str = "en") -> dict[str, str]:
@@ -233,6 +243,23 @@ class ClassifyTask(Task):
     def parse_answers(self, answers: pa.Table, truncated: pa.Array) -> pa.Table:
         """Single label: ``parse`` on whole columns (the common case, and the one that must keep
         up with a fast engine); multi-label answers are JSON and are parsed one by one."""
+        return self._with_taxonomy(self._parse_answers(answers, truncated))
+
+    def _with_taxonomy(self, table: pa.Table) -> pa.Table:
+        """The taxonomy columns, from ``label``: its id and its path as a list."""
+        if not (self.label_ids or self.taxonomy):
+            return table
+        label = pl.Series(table.column("label"))
+        names = [f.name for f in self.result_fields]
+        if self.label_ids:
+            ids = label.replace_strict(self.label_ids, default=None, return_dtype=pl.String)
+            table = table.set_column(names.index("label_id"), "label_id", ids.to_arrow().cast(pa.string()))
+        if self.taxonomy:
+            paths = label.str.split(_PATH_SEP).to_arrow().cast(pa.list_(pa.string()))
+            table = table.set_column(names.index("label_path"), "label_path", paths)
+        return table
+
+    def _parse_answers(self, answers: pa.Table, truncated: pa.Array) -> pa.Table:
         if self.labels_max:
             return super().parse_answers(answers, truncated)
         frame = pl.from_arrow(answers).with_columns(
@@ -285,7 +312,12 @@ class ClassifyTask(Task):
             frame = frame.with_columns(frame["error"].scatter(invalid, reasons))
         table = frame.drop("invalid").to_arrow()
         return pa.Table.from_arrays(
-            [table.column(f.name).cast(f.type) for f in self.result_fields],
+            [
+                table.column(f.name).cast(f.type)
+                if f.name in table.column_names
+                else pa.nulls(table.num_rows, f.type)  # the taxonomy's, filled from the label
+                for f in self.result_fields
+            ],
             schema=pa.schema(self.result_fields),
         )
 
