@@ -85,6 +85,9 @@ class Constraint:
             raise ValueError("a Constraint is either a choice or a JSON schema")
 
 
+PATH_SEP = " > "
+"""Between the levels of a taxonomy path label (``Home > Kitchen > Kettles``)."""
+
 GENERATE = "generate"
 SCORE = "score"
 

@@ -10,13 +10,13 @@ import re
 import unicodedata
 from pathlib import Path
 
+from pipeline.contracts import PATH_SEP as _TAXONOMY_SEP
 from pipeline.errors import LabelsError
 
 # Taxonomy lines, with the category's id: Shopify's
 # "gid://shopify/TaxonomyCategory/aa-1   : Apparel & Accessories > Clothing", and Google's
 # "166 - Apparel & Accessories > Clothing" (taxonomy-with-ids.*.txt)
 _TAXONOMY_LINE = re.compile(r"^(?:(?P<gid>gid://\S+)\s+:\s+|(?P<number>\d+) - )(?P<path>.+)$")
-_TAXONOMY_SEP = " > "
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # Control characters, and the line and paragraph separators, which would split a prompt line.
 _UNPRINTABLE = {"Cc", "Zl", "Zp"}
@@ -28,10 +28,19 @@ def load_labels(
     """Return the validated label list, in the order given. For a taxonomy file: every category
     (``assign="any"``) or only those with no category below them (``"leaf"``), at most
     ``max_depth`` deep."""
-    if labels_file is not None:
-        labels, line_numbers = _read_labels_file(Path(labels_file), max_depth, assign)
-        return validate_labels(labels, f"labels file {labels_file}", line_numbers)
-    return validate_labels(list(labels or []), "labels")
+    return load_label_ids(labels, labels_file, max_depth, assign)[0]
+
+
+def load_label_ids(
+    labels: list[str] | None, labels_file: str | None, max_depth: int | None = None, assign: str = "any"
+) -> tuple[list[str], dict[str, str]]:
+    """``load_labels``, and each label's id where the file is a taxonomy with ids (Shopify's
+    ``gid://...``, Google's number; the first one of a path listed twice)."""
+    if labels_file is None:
+        return validate_labels(list(labels or []), "labels"), {}
+    raw, line_numbers, ids = _read_labels_file(Path(labels_file), max_depth, assign)
+    cleaned = validate_labels(raw, f"labels file {labels_file}", line_numbers)
+    return cleaned, {label: i for label, i in zip(cleaned, ids, strict=True) if i is not None}
 
 
 def validate_labels(labels: list[str], where: str, line_numbers: list[int] | None = None) -> list[str]:
@@ -75,8 +84,10 @@ def validate_labels(labels: list[str], where: str, line_numbers: list[int] | Non
     return cleaned
 
 
-def _read_labels_file(path: Path, max_depth: int | None, assign: str = "any") -> tuple[list[str], list[int]]:
-    """The file's labels and the line number of each."""
+def _read_labels_file(
+    path: Path, max_depth: int | None, assign: str = "any"
+) -> tuple[list[str], list[int], list[str | None]]:
+    """The file's labels, the line number of each, and each one's id (None without one)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -94,7 +105,10 @@ def _read_labels_file(path: Path, max_depth: int | None, assign: str = "any") ->
     numbered = [(n, ln) for n, ln in numbered if ln and not ln.startswith("#")]
     taxonomy = [_TAXONOMY_LINE.match(ln) for _, ln in numbered]
     if numbered and all(taxonomy):
-        paths = [(n, m.group("path").strip()) for (n, _), m in zip(numbered, taxonomy, strict=True)]
+        paths = [
+            (n, m.group("path"), m.group("gid") or m.group("number"))
+            for (n, _), m in zip(numbered, taxonomy, strict=True)
+        ]
     elif any(taxonomy):
         bad = next(n for (n, _), m in zip(numbered, taxonomy, strict=True) if not m)
         raise LabelsError(
@@ -103,28 +117,29 @@ def _read_labels_file(path: Path, max_depth: int | None, assign: str = "any") ->
             hint="a labels file holds either taxonomy lines or plain labels, one per line",
         )
     elif any(_TAXONOMY_SEP in ln for _, ln in numbered):
-        paths = numbered  # plain lines holding paths ("A > B > C"): a taxonomy without ids
+        paths = [(n, ln, None) for n, ln in numbered]  # lines holding paths ("A > B"): no ids
     else:
         if max_depth is not None or assign != "any":
             raise LabelsError(f"labels file {path}: labels_max_depth and assign need a taxonomy file")
-        return [ln for _, ln in numbered], [n for n, _ in numbered]
+        return [ln for _, ln in numbered], [n for n, _ in numbered], [None] * len(numbered)
     return _taxonomy_labels(path, paths, max_depth, assign)
 
 
 def _taxonomy_labels(
-    path: Path, paths: list[tuple[int, str]], max_depth: int | None, assign: str
-) -> tuple[list[str], list[int]]:
-    """A taxonomy's categories as labels (the full path each), exact repeats merged with a warning."""
+    path: Path, paths: list[tuple[int, str, str | None]], max_depth: int | None, assign: str
+) -> tuple[list[str], list[int], list[str | None]]:
+    """A taxonomy's categories as labels (the full path each) with their line numbers and ids,
+    exact repeats merged with a warning."""
     from pipeline import logs
 
-    first: dict[str, int] = {}
+    first: dict[str, tuple[int, str | None]] = {}
     repeats = []
-    for n, label in paths:
-        label = _tidy_path(label)
+    for n, text, category_id in paths:
+        label = _TAXONOMY_SEP.join(part.strip() for part in text.strip().split(_TAXONOMY_SEP))
         if label in first:
-            repeats.append(f"line {n} (= line {first[label]})")
+            repeats.append(f"line {n} (= line {first[label][0]})")
         else:
-            first[label] = n
+            first[label] = (n, category_id)
     if repeats:  # the same category listed twice is one category, not an ambiguous label set
         logs.get("labels").warning(
             "labels file %s: %d category path(s) listed more than once, merged: %s",
@@ -133,30 +148,9 @@ def _taxonomy_labels(
             ", ".join(repeats[:5]),
         )
     if max_depth is not None:
-        first = {label: n for label, n in first.items() if label.count(_TAXONOMY_SEP) < max_depth}
+        first = {label: v for label, v in first.items() if label.count(_TAXONOMY_SEP) < max_depth}
     if assign == "leaf":  # the leaves of the tree as cut at max_depth
         parts = [label.split(_TAXONOMY_SEP) for label in first]
         inner = {_TAXONOMY_SEP.join(p[:i]) for p in parts for i in range(1, len(p))}
-        first = {label: n for label, n in first.items() if label not in inner}
-    return list(first), list(first.values())
-
-
-def _tidy_path(path: str) -> str:
-    """A category path with single spaces around each `` > ``."""
-    return _TAXONOMY_SEP.join(part.strip() for part in path.strip().split(_TAXONOMY_SEP))
-
-
-def taxonomy_ids(labels_file: str) -> dict[str, str]:
-    """Each category path of a taxonomy file with ids (Shopify's ``gid://...``, Google's number)
-    mapped to its id, the first one where a path is listed twice; empty for any other file. Read
-    after ``load_labels`` has checked the file."""
-    ids: dict[str, str] = {}
-    text = Path(labels_file).read_bytes().decode("utf-8-sig")
-    for line in _LINE_BREAK.split(text):
-        found = _TAXONOMY_LINE.match(line.strip())
-        if found:
-            label = _TAXONOMY_SEP.join(
-                part.strip() for part in found.group("path").strip().split(_TAXONOMY_SEP)
-            )
-            ids.setdefault(unicodedata.normalize("NFC", label), found.group("gid") or found.group("number"))
-    return ids
+        first = {label: v for label, v in first.items() if label not in inner}
+    return list(first), [n for n, _ in first.values()], [i for _, i in first.values()]

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.contracts import PATH_SEP
 from pipeline.errors import MissingDependencyError
 
-_PATH_SEP = " > "
 _BATCH = 2048
 """Texts scored against every label at once: a dense batch x labels block (2048 x 10,000 float32
 is 80 MB)."""
@@ -38,7 +38,7 @@ class LexicalRetriever:
             analyzer="char_wb", ngram_range=ngrams, lowercase=True, strip_accents="unicode",
             sublinear_tf=True, dtype=np.float32,
         )  # fmt: skip
-        documents = [label.replace(_PATH_SEP, " ") for label in self.labels]
+        documents = [label.replace(PATH_SEP, " ") for label in self.labels]
         # rows are L2-normalised, so a dot product is the cosine
         self._matrix = self._vectorizer.fit_transform(documents).T.tocsr()
 

@@ -79,9 +79,7 @@ class FakeBackend(ByteTokens, Backend):
                 self.score([c], replace(request, constraint=Constraint(choice=tuple(x))))[0]
                 for c, x in zip(conversations, choices, strict=True)
             ]
-        users = pl.Series([c[-1]["content"] for c in conversations], dtype=pl.String)
-        other = [sum(self._tokens(m["content"]) + 4 for m in c[:-1]) + 4 for c in conversations]
-        return table_completions(self._scores(users, np.array(other, dtype=np.int64), request))
+        return table_completions(self._scores(*self._split(conversations), request))
 
     def _scores(self, users: pl.Series, other_tokens: np.ndarray, request: Request) -> pa.Table:
         """A probability for every label from hashes of the row and the label, softmax-normalised:
@@ -100,25 +98,22 @@ class FakeBackend(ByteTokens, Backend):
             [{"text": labels[j], "logprob": float(lp)} for j, lp in zip(o, p, strict=True)]
             for o, p in zip(order, picked, strict=True)
         ]
-        columns = {
-            "text": pa.array([labels[o[0]] for o in order], pa.string()),
-            "logprob": picked[:, 0],
-            "prompt_tokens": other_tokens + -(-users.str.len_bytes().to_numpy().astype(np.int64) // 4),
-            "output_tokens": np.ones(n, dtype=np.int32),
-            "finish_reason": pa.array(["stop"] * n, pa.string()),
-            "cached_tokens": pa.nulls(n, pa.int32()),
-            "error": pa.nulls(n, pa.string()),
-            "retries": np.zeros(n, dtype=np.int32),
-            "alternatives": pa.array(alternatives, ALTERNATIVES_TYPE),
-        }
-        return pa.Table.from_arrays(
-            [pa.array(columns[f.name], f.type) for f in ANSWER_SCHEMA], schema=ANSWER_SCHEMA
+        return _table(
+            pa.array([labels[o[0]] for o in order], pa.string()),
+            picked[:, 0],
+            other_tokens + -(-users.str.len_bytes().to_numpy().astype(np.int64) // 4),
+            np.ones(n, dtype=np.int32),
+            pa.array(alternatives, ALTERNATIVES_TYPE),
         )
 
     def complete(self, conversations: list[Messages], request: Request) -> list[Completion]:
+        return table_completions(self._answers(*self._split(conversations), request.constraint))
+
+    def _split(self, conversations: list[Messages]) -> tuple[pl.Series, np.ndarray]:
+        """Each conversation's user message, and the tokens of the rest of it."""
         users = pl.Series([c[-1]["content"] for c in conversations], dtype=pl.String)
         other = [sum(self._tokens(m["content"]) + 4 for m in c[:-1]) + 4 for c in conversations]
-        return table_completions(self._answers(users, np.array(other, dtype=np.int64), request.constraint))
+        return users, np.array(other, dtype=np.int64)
 
     def _pace(self, rows: int) -> None:
         if self.settings.seconds_per_row:
@@ -147,21 +142,32 @@ class FakeBackend(ByteTokens, Backend):
             )
         answer_bytes = pl.Series(answers).str.len_bytes().to_numpy().astype(np.int64)
         user_bytes = users.str.len_bytes().to_numpy().astype(np.int64)
-        n = len(users)
-        columns = {
-            "text": answers,
-            "logprob": np.log(confidence),
-            "prompt_tokens": other_tokens + -(-user_bytes // 4),
-            "output_tokens": -(-answer_bytes // 4) + 1,
-            "finish_reason": pa.array(["stop"] * n, pa.string()),
-            "cached_tokens": pa.nulls(n, pa.int32()),
-            "error": pa.nulls(n, pa.string()),
-            "retries": np.zeros(n, dtype=np.int32),
-            "alternatives": pa.nulls(n, ALTERNATIVES_TYPE),
-        }
-        return pa.Table.from_arrays(
-            [pa.array(columns[f.name], f.type) for f in ANSWER_SCHEMA], schema=ANSWER_SCHEMA
+        return _table(
+            answers,
+            np.log(confidence),
+            other_tokens + -(-user_bytes // 4),
+            -(-answer_bytes // 4) + 1,
+            pa.nulls(len(users), ALTERNATIVES_TYPE),
         )
+
+
+def _table(text, logprob, prompt_tokens, output_tokens, alternatives) -> pa.Table:
+    """An answers table (``ANSWER_SCHEMA``) of answers that all came: finished, uncached, no retry."""
+    n = len(text)
+    columns = {
+        "text": text,
+        "logprob": logprob,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "finish_reason": pa.array(["stop"] * n, pa.string()),
+        "cached_tokens": pa.nulls(n, pa.int32()),
+        "error": pa.nulls(n, pa.string()),
+        "retries": np.zeros(n, dtype=np.int32),
+        "alternatives": alternatives,
+    }
+    return pa.Table.from_arrays(
+        [pa.array(columns[f.name], f.type) for f in ANSWER_SCHEMA], schema=ANSWER_SCHEMA
+    )
 
 
 def _fill(schema: dict, digest: bytes, text: str):

@@ -364,16 +364,12 @@ class VllmBackend(Backend):
                 )
             ),
         )
-        try:
-            progress = _answer_counter(self) if self.on_answers is not None else False
-            outputs = self._llm.chat(conversations, params, use_tqdm=progress)
-        except Exception as exc:  # engine died or refused the batch: the chunk is not marked done
-            raise BackendError(
-                f"vLLM failed on a batch of {len(conversations)} prompts: {type(exc).__name__}: {exc}",
-                hint="finished chunks are kept; fix the cause and rerun the same command to resume",
-            ) from exc
-        if len(outputs) != len(conversations):
-            raise BackendError(f"vLLM returned {len(outputs)} answers for {len(conversations)} prompts")
+        progress = _answer_counter(self) if self.on_answers is not None else False
+        outputs = self._engine_call(
+            "on a batch of",
+            len(conversations),
+            lambda: self._llm.chat(conversations, params, use_tqdm=progress),
+        )
         results = []
         for out in outputs:
             c = out.outputs[0]
@@ -389,6 +385,20 @@ class VllmBackend(Backend):
                 )
             )
         return results
+
+    def _engine_call(self, what: str, prompts: int, call) -> list:
+        """The engine's outputs for ``prompts`` prompts; a call that fails, or answers another
+        number of prompts, is a BackendError, and the chunk is not marked done."""
+        try:
+            outputs = call()
+        except Exception as exc:  # engine died or refused the batch
+            raise BackendError(
+                f"vLLM failed {what} {prompts} prompts: {type(exc).__name__}: {exc}",
+                hint="finished chunks are kept; fix the cause and rerun the same command to resume",
+            ) from exc
+        if len(outputs) != prompts:
+            raise BackendError(f"vLLM returned {len(outputs)} answers for {prompts} prompts")
+        return outputs
 
     # Scoring a label set (``decoding: score``): see ``pipeline/scoring.py``.
 
@@ -485,17 +495,13 @@ class VllmBackend(Backend):
             ]
             token_prompts = [{"prompt_token_ids": prompts[row] + list(node.prefix)} for row, node in requests]
             counting = self.on_answers is not None and any(opening[r] and r < rows for r, _ in requests)
-            try:
-                outputs = self._llm.generate(
+            outputs = self._engine_call(
+                "scoring",
+                len(requests),
+                lambda: self._llm.generate(
                     token_prompts, sampling, use_tqdm=_answer_counter(self) if counting else False
-                )
-            except Exception as exc:  # engine died or refused the batch: the chunk is not marked done
-                raise BackendError(
-                    f"vLLM failed scoring {len(requests)} prompts: {type(exc).__name__}: {exc}",
-                    hint="finished chunks are kept; fix the cause and rerun the same command to resume",
-                ) from exc
-            if len(outputs) != len(requests):
-                raise BackendError(f"vLLM returned {len(outputs)} answers for {len(requests)} prompts")
+                ),
+            )
             found = []
             for (row, _), out in zip(requests, outputs, strict=True):
                 if opening[row]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from pipeline.contracts import PATH_SEP
 from pipeline.evaluation.scores import _f1, _ratio
 
 NONE = "(none)"
@@ -162,9 +163,6 @@ def label_probs_metrics(
         "margin_thresholds": [_accepted(rows, t, scored) for t in thresholds],
         "lowest_margin_for_target": lowest_threshold(rows, scored, PRECISION_TARGET),
     }
-
-
-PATH_SEP = " > "
 
 
 def hierarchy_metrics(gold: list[str], predicted: list[str | None]) -> dict | None:

@@ -25,12 +25,21 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipeline.contracts import GENERATE, SCORE, Completion, Constraint, Options, Request, Sampling, Status
+from pipeline.contracts import (
+    GENERATE,
+    PATH_SEP,
+    SCORE,
+    Completion,
+    Constraint,
+    Options,
+    Request,
+    Sampling,
+    Status,
+)
 from pipeline.errors import ConfigError
-from pipeline.labels import load_labels, taxonomy_ids
+from pipeline.labels import load_label_ids
 from pipeline.tasks.base import TRUNCATED_NOTE, RowResult, Task
 
-_PATH_SEP = " > "
 LABEL_PROBS_TYPE = pa.list_(pa.struct([pa.field("label", pa.string()), pa.field("prob", pa.float64())]))
 
 
@@ -90,17 +99,15 @@ class ClassifyTask(Task):
 
     def __init__(self, settings: ClassifySettings, sampling: Sampling | None = None) -> None:
         super().__init__(settings, sampling or Sampling())
-        self.labels = load_labels(
+        self.labels, self.label_ids = load_label_ids(
             settings.labels, settings.labels_file, settings.labels_max_depth, settings.assign
         )
         self.labels_max = settings.labels_max if settings.labels_max and settings.labels_max > 1 else None
         self._max_tokens = self.sampling.max_tokens
         self._label_set = set(self.labels)
         # labels from a taxonomy: the output also gives each label's path as a list, and its id
-        # where the file has ids
-        self.taxonomy = any(_PATH_SEP in label for label in self.labels)
-        ids = taxonomy_ids(settings.labels_file) if settings.labels_file else {}
-        self.label_ids = {label: ids[label] for label in self.labels if label in ids}
+        # (``label_ids``) where the file has ids
+        self.taxonomy = any(PATH_SEP in label for label in self.labels)
         self.label_probs = settings.label_probs
         self.decoding = SCORE if settings.decoding != "constrained" and not self.labels_max else GENERATE
         self.decoding_note: str | None = None
@@ -229,10 +236,6 @@ class ClassifyTask(Task):
             result.values = {}
             return result
         result.values["label"] = picked[0]
-        if self.label_probs and completion.alternatives is not None:
-            result.values["label_probs"] = [
-                {"label": text, "prob": math.exp(logprob)} for text, logprob in completion.alternatives
-            ][: self.label_probs]
         if self.labels_max:
             result.values["labels"] = picked
         if truncated:
@@ -255,7 +258,7 @@ class ClassifyTask(Task):
             ids = label.replace_strict(self.label_ids, default=None, return_dtype=pl.String)
             table = table.set_column(names.index("label_id"), "label_id", ids.to_arrow().cast(pa.string()))
         if self.taxonomy:
-            paths = label.str.split(_PATH_SEP).to_arrow().cast(pa.list_(pa.string()))
+            paths = label.str.split(PATH_SEP).to_arrow().cast(pa.list_(pa.string()))
             table = table.set_column(names.index("label_path"), "label_path", paths)
         return table
 
