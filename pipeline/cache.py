@@ -69,8 +69,12 @@ ENTRY_SCHEMA = pa.schema(
     + [f for f in ANSWER_SCHEMA if f.name != "error"]
 )
 """One stored answer: the key, the text sent, then the answer's fields (``retries`` stored as 0)."""
-_BEFORE_ALTERNATIVES = pa.schema([f for f in ENTRY_SCHEMA if f.name != "alternatives"])
-"""Files written before scored answers existed: read as if their ``alternatives`` were null."""
+_ADDED_LATER = ("alternatives", "choices", "levels")
+"""Answer fields files written by earlier versions may lack (in the order they were added): such a
+file is read as if they were null."""
+_EARLIER_SCHEMAS = [
+    pa.schema([f for f in ENTRY_SCHEMA if f.name not in _ADDED_LATER[n:]]) for n in range(len(_ADDED_LATER))
+]
 _FILE_SCHEMA = ENTRY_SCHEMA.with_metadata({"labelmill.cache": "2"})
 """What files are written with: the metadata says every batch in the file carries a checksum."""
 _CRC = "labelmill.crc32"
@@ -212,6 +216,13 @@ class ResultCache:
             self._add_segment(table)
         if self._file_rows >= self.max_file_rows:
             self._close_file()
+
+    def answers(self) -> pa.Table:
+        """Every stored answer as ``sent``, ``text`` and ``logprob`` (the ``examples`` retriever
+        learns from a job's earlier answers)."""
+        if not self._entries:
+            return pa.schema([ENTRY_SCHEMA.field(c) for c in ("sent", "text", "logprob")]).empty_table()
+        return self._take(np.arange(self._entries, dtype=np.int64), ["sent", "text", "logprob"])
 
     def stats(self) -> dict:
         """Entries and bytes on disk: the whole store, and this job's namespace."""
@@ -364,8 +375,8 @@ def read_file(path: Path, check: bool = True) -> FileContents:
     except (pa.ArrowException, OSError, ValueError) as exc:
         contents.unreadable = f"not readable as an answer file ({_short(exc)})"
         return contents
-    if reader.schema.equals(_BEFORE_ALTERNATIVES):
-        entries = _with_alternatives
+    if any(reader.schema.equals(earlier) for earlier in _EARLIER_SCHEMAS):
+        entries = _with_later_fields
     elif reader.schema.equals(ENTRY_SCHEMA):
         entries = _entries
     else:
@@ -412,9 +423,14 @@ def _entries(batch: pa.RecordBatch) -> pa.Table:
     return pa.Table.from_batches([batch], schema=ENTRY_SCHEMA)
 
 
-def _with_alternatives(batch: pa.RecordBatch) -> pa.Table:
-    alternatives = pa.nulls(batch.num_rows, ENTRY_SCHEMA.field("alternatives").type)
-    return pa.Table.from_batches([batch]).append_column(ENTRY_SCHEMA.field("alternatives"), alternatives)
+def _with_later_fields(batch: pa.RecordBatch) -> pa.Table:
+    table = pa.Table.from_batches([batch])
+    for name in _ADDED_LATER:
+        if name not in table.column_names:
+            table = table.append_column(
+                ENTRY_SCHEMA.field(name), pa.nulls(batch.num_rows, ENTRY_SCHEMA.field(name).type)
+            )
+    return table
 
 
 def _checksum(batch: pa.RecordBatch) -> str:

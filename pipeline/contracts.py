@@ -131,6 +131,12 @@ class Completion:
     alternatives: tuple[tuple[str, float], ...] | None = None
     """Scored answers (``Request.decoding`` ``score``): the most probable choices with their
     log-probabilities, normalised over the choices, most probable first; None otherwise."""
+    choices: tuple[str, ...] | None = None
+    """The row's own label set the answer was picked from (a shortlist's candidates); None when
+    every row had the job's."""
+    levels: tuple[tuple[str, float], ...] | None = None
+    """Answers picked level by level (a taxonomy walked top-down): the node chosen at each level
+    with its log-probability among that level's options; ``logprob`` is their sum."""
 
     @classmethod
     def failed(cls, reason: str, retries: int = 0) -> Completion:
@@ -151,6 +157,8 @@ ANSWER_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("retries", pa.int32()),
         pa.field("alternatives", ALTERNATIVES_TYPE),
+        pa.field("choices", pa.list_(pa.string())),
+        pa.field("levels", ALTERNATIVES_TYPE),
     ]
 )
 """Answers as columns, one row per request: the fields of :class:`Completion`, in its order."""
@@ -160,10 +168,12 @@ def answers_table(completions: list[Completion]) -> pa.Table:
     """Completions as an answers table (``ANSWER_SCHEMA``)."""
     columns = [list(col) for col in zip(*(astuple(c) for c in completions), strict=True)]
     columns = columns or [[] for _ in ANSWER_SCHEMA]
-    last = len(ANSWER_SCHEMA) - 1  # alternatives: pairs as structs
-    columns[last] = [
-        None if alts is None else [{"text": t, "logprob": lp} for t, lp in alts] for alts in columns[last]
-    ]
+    for name in ("alternatives", "levels"):  # pairs as structs
+        at = ANSWER_SCHEMA.get_field_index(name)
+        columns[at] = [
+            None if pairs is None else [{"text": t, "logprob": lp} for t, lp in pairs]
+            for pairs in columns[at]
+        ]
     return pa.Table.from_arrays(
         [pa.array(col, f.type) for col, f in zip(columns, ANSWER_SCHEMA, strict=True)], schema=ANSWER_SCHEMA
     )
@@ -174,8 +184,11 @@ def table_completions(answers: pa.Table) -> list[Completion]:
     names = [f.name for f in fields(Completion)]
     rows = answers.select(names).to_pylist()
     for row in rows:
-        alts = row["alternatives"]
-        row["alternatives"] = None if alts is None else tuple((a["text"], a["logprob"]) for a in alts)
+        for name in ("alternatives", "levels"):
+            pairs = row[name]
+            row[name] = None if pairs is None else tuple((a["text"], a["logprob"]) for a in pairs)
+        if row["choices"] is not None:
+            row["choices"] = tuple(row["choices"])
     return [Completion(**row) for row in rows]
 
 

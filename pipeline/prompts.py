@@ -12,6 +12,10 @@ Variables: ``text``, the task's own (classify: ``labels`` one ``- label`` per li
 ``labels_inline`` comma separated, ``labels_max``; extract: ``attributes`` one line per attribute
 with its type and allowed values, ``attribute_names``), and the job's ``prompt_vars``. A placeholder
 with no value, or a ``prompt_vars`` key the template never uses, is an error naming it.
+
+``{choices}``: the row's own options, one ``- option`` per line, for tasks whose rows each choose
+from a set of their own (classify with ``strategy: shortlist`` or ``hierarchical``). It belongs in
+the user message, before ``{text}``, so the instructions stay the shared prefix.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +59,22 @@ class RenderedPrompt:
     user_prefix: str
     user_suffix: str
     source: str
+    choices_prefix: str | None = None
+    """Templates with ``{choices}``: the user message before it (``user_prefix`` then follows the
+    choices, up to the text)."""
 
-    def messages(self, text: str) -> list[dict[str, str]]:
-        return [
-            {"role": "system", "content": self.system},
-            {"role": "user", "content": self.user_prefix + text + self.user_suffix},
-        ]
+    def messages(self, text: str, choices: Sequence[str] | None = None) -> list[dict[str, str]]:
+        user = self.user_prefix + text + self.user_suffix
+        if self.choices_prefix is not None:
+            if choices is None:
+                raise ValueError(f"{self.source} lists each row's choices: give them")
+            user = self.choices_prefix + format_choices(choices) + user
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+
+    @property
+    def row_choices(self) -> bool:
+        """Each row comes with its own choices (``{choices}`` in the user message)."""
+        return self.choices_prefix is not None
 
     def user_messages(self, texts: pl.Series) -> pl.Series:
         """The user message of each text, as one column (what ``messages`` puts last)."""
@@ -70,7 +85,8 @@ class RenderedPrompt:
     @property
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for part in (self.system, self.user_prefix, self.user_suffix):
+        parts = (self.system, self.user_prefix, self.user_suffix)
+        for part in parts + ((self.choices_prefix,) if self.choices_prefix is not None else ()):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()[:16]
@@ -159,9 +175,16 @@ def _template_problem(error: dict, lines: dict[str, int]) -> str:
     return f"{at}unknown key (the keys are {', '.join(PromptTemplate.model_fields)})"
 
 
+def format_choices(choices: Sequence[str]) -> str:
+    """A row's options as ``{choices}`` shows them: one ``- option`` per line."""
+    return "\n".join(f"- {choice}" for choice in choices)
+
+
 def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPrompt:
     """Fill a template's shared part with the task's variables; the row goes in through ``messages``.
-    ``path`` is a template file or a built-in template's name."""
+    ``path`` is a template file or a built-in template's name. ``task.row_choices`` (where a task
+    has it) says its rows each choose among options of their own: the template must then show
+    them with ``{choices}``, and can't list a label set shared by all rows."""
     path = locate(path)
     template = load_template(path)
     if template.task != task.name:
@@ -171,7 +194,7 @@ def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPromp
         )
     builtins = task.prompt_values(template.language)
     values = {**builtins, **prompt_vars}
-    clash = sorted(set(prompt_vars) & (set(builtins) | {"text"}))
+    clash = sorted(set(prompt_vars) & (set(builtins) | {"text", "choices"}))
     if clash:
         raise PromptError(f"prompt_vars may not redefine built-in variables: {clash}")
     system_fields = _fields(template.system, path, "system")
@@ -183,8 +206,9 @@ def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPromp
         )
     if user_fields.count("text") != 1:
         raise PromptError(f"{path}: the user message must contain {{text}} exactly once")
+    _check_choices(path, task, system_fields, user_fields)
     used = set(system_fields) | set(user_fields)
-    missing = sorted(used - set(values) - {"text"})
+    missing = sorted(used - set(values) - {"text", "choices"})
     if missing:
         raise PromptError(
             f"{path}: template variable(s) {missing} have no value",
@@ -194,6 +218,7 @@ def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPromp
     if unused:
         raise PromptError(f"prompt_vars {unused} are not used by {path}")
     # Split the user message at the {text} placeholder itself, not at a literal "{{text}}".
+    head: list[str] = []
     before: list[str] = []
     after: list[str] = []
     side = before
@@ -201,14 +226,51 @@ def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPromp
         side.append(literal)
         if name == "text":
             side = after
+        elif name == "choices":
+            head, side = before, []
+            before = side
         elif name is not None:
             side.append(values[name])
+    choices_prefix = "".join(head).lstrip() if "choices" in user_fields else None
     return RenderedPrompt(
         system=template.system.format_map(values).strip(),
-        user_prefix="".join(before).lstrip(),
+        user_prefix="".join(before) if choices_prefix is not None else "".join(before).lstrip(),
         user_suffix="".join(after).rstrip(),
         source=str(path),
+        choices_prefix=choices_prefix,
     )
+
+
+def _check_choices(path, task, system_fields: list[str], user_fields: list[str]) -> None:
+    """``{choices}`` where, and only where, each row has its own options."""
+    row_choices = getattr(task, "row_choices", False)
+    why = getattr(task, "row_choices_why", "each row has its own options")
+    if "choices" in system_fields:
+        raise PromptError(
+            f"{path}: {{choices}} is in the system message",
+            hint="each row's options go in the user message, before {text}",
+        )
+    if not row_choices:
+        if "choices" in user_fields:
+            raise PromptError(
+                f"{path}: {{choices}} shows each row's own options, and this job's rows share one set",
+                hint="use {labels} in the system message, or set strategy: shortlist or hierarchical",
+            )
+        return
+    shared = sorted({"labels", "labels_inline"} & set(system_fields + user_fields))
+    if shared:
+        raise PromptError(
+            f"{path} lists the whole label set ({{{shared[0]}}}), but {why}",
+            hint="use a template that shows each row's options with {choices} in the user message, "
+            "before {text} (built-in: classify_product_choices.en, classify_product_choices.pl, "
+            "classify_keyword_choices.en)",
+        )
+    if user_fields.count("choices") != 1 or user_fields.index("choices") > user_fields.index("text"):
+        raise PromptError(
+            f"{path}: {why}, so the user message must show them with {{choices}} once, before {{text}}",
+            hint="built-in templates that do: classify_product_choices.en, classify_product_choices.pl, "
+            "classify_keyword_choices.en",
+        )
 
 
 def _fields(text: str, path: str | Path, part: str) -> list[str]:

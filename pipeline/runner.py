@@ -35,6 +35,7 @@ from pipeline.flow import AnswerSource, AnswerStore, BackendSource, ChunkPipelin
 from pipeline.io import Chunk, ChunkReader
 from pipeline.plan import Plan, cache_root, check_backend, make_backend, now, plan_job, text_budget
 from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, part_width, status_totals
+from pipeline.strategies import make_strategy
 
 log = logs.get("run")
 
@@ -208,7 +209,9 @@ def run_plan(
                     )  # fmt: skip
                 given = None if isinstance(progress, bool) else progress
                 bar = stack.enter_context(_Progress(plan.rows, done_rows, bool(progress), backend, given))
-                answers = source or BackendSource(backend, bar.within if bar.enabled else None)
+                answers = source or BackendSource(
+                    backend, bar.within if bar.enabled else None, make_strategy(plan, store)
+                )
                 pipeline = ChunkPipeline(plan, backend, budget, store, answers)
                 totals = status_totals(finished.values())
                 store_id = getattr(store, "store_id", None)

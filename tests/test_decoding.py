@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import default_table
 
-from pipeline.cache import _BEFORE_ALTERNATIVES, ResultCache
+from pipeline.cache import _EARLIER_SCHEMAS, ResultCache
 from pipeline.cli import main
 from pipeline.contracts import GENERATE, SCORE
 from pipeline.errors import ConfigError, JobFileError
@@ -110,7 +110,10 @@ def test_a_constrained_job_keeps_the_fingerprint_it_had_before_scoring(make_job)
     assert scored.namespace != plan.namespace  # and the two never share cached answers
 
 
-def test_answer_files_from_before_scoring_are_still_read(tmp_path):
+@pytest.mark.parametrize(
+    "schema", _EARLIER_SCHEMAS, ids=["before-scoring", "before-shortlists", "before-levels"]
+)
+def test_answer_files_from_earlier_versions_are_still_read(tmp_path, schema):
     folder = tmp_path / "ns"
     folder.mkdir()
     n = 3
@@ -125,17 +128,20 @@ def test_answer_files_from_before_scoring_are_still_read(tmp_path):
         "cached_tokens": [None] * n,
         "retries": [0] * n,
     }
-    table = pa.Table.from_pydict(columns, schema=_BEFORE_ALTERNATIVES)
+    for name in schema.names[len(columns) :]:
+        columns[name] = [None] * n
+    table = pa.Table.from_pydict(columns, schema=schema)
     with (
         pa.OSFile(str(folder / "seg-0-1.arrows"), "wb") as sink,
-        pyarrow.ipc.new_stream(sink, _BEFORE_ALTERNATIVES) as writer,
+        pyarrow.ipc.new_stream(sink, schema) as writer,
     ):
         writer.write_table(table)
     cache = ResultCache(tmp_path, "ns")
     hits, answers = cache.lookup(pl.Series(["c", "x", "a"]))
     assert hits.tolist() == [0, 2]
     assert answers.column("text").to_pylist() == ["Tea", "Tea"]
-    assert answers.column("alternatives").null_count == 2
+    for name in ("alternatives", "choices", "levels"):
+        assert answers.column(name).null_count == 2
     assert np.allclose(answers.column("logprob").to_numpy(), [-0.3, -0.1])
     cache.close()
 

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline.contracts import ANSWER_SCHEMA, SCORE, Completion, Messages, Options, Request, answers_table
+from pipeline.contracts import (
+    ANSWER_SCHEMA,
+    SCORE,
+    Completion,
+    Constraint,
+    Messages,
+    Options,
+    Request,
+    answers_table,
+)
 from pipeline.scoring import NEUTRAL_TEXTS, LabelTrie
 
 if TYPE_CHECKING:
@@ -106,18 +116,53 @@ class Backend(ABC):
     def complete(self, conversations: list[Messages], request: Request) -> list[Completion]:
         """Answer every conversation within ``request.constraint``; results in input order."""
 
-    def answer(self, prompt: RenderedPrompt, texts: pl.Series, request: Request) -> pa.Table:
+    def answer(
+        self,
+        prompt: RenderedPrompt,
+        texts: pl.Series,
+        request: Request,
+        choices: Sequence[Sequence[str]] | None = None,
+    ) -> pa.Table:
         """Answer ``prompt`` filled with each of ``texts``; an answers table (``ANSWER_SCHEMA``),
         one row per text, in order. This is what the pipeline calls: a backend whose cost per
         answer is tiny (the test double) answers whole columns at once here; the others answer
-        through ``complete``, or ``score`` when the request says so."""
+        through ``complete``, or ``score`` when the request says so.
+
+        ``choices``: each text's own options (shown through the prompt's ``{choices}``), which
+        replace the request's choice constraint row by row; they come back in the ``choices``
+        column."""
         if not len(texts):
             return ANSWER_SCHEMA.empty_table()
+        if choices is not None:
+            return self._answer_each(prompt, texts, request, [tuple(c) for c in choices])
         conversations = [prompt.messages(t) for t in texts]
         if request.decoding == SCORE:
             neutral = [prompt.messages(t) for t in NEUTRAL_TEXTS] if request.calibrate else []
             return answers_table(self.score(conversations, request, neutral=neutral))
         return answers_table(self.complete(conversations, request))
+
+    def _answer_each(
+        self, prompt: RenderedPrompt, texts: pl.Series, request: Request, choices: list[tuple[str, ...]]
+    ) -> pa.Table:
+        conversations = [prompt.messages(t, c) for t, c in zip(texts, choices, strict=True)]
+        if request.decoding == SCORE:
+            completions = self.score(conversations, request, choices=choices)
+        else:
+            # Generated answers: one call per distinct option set, the set as its choice
+            # constraint (a level of a taxonomy shares sets; a shortlist's rows rarely do).
+            completions: list[Completion | None] = [None] * len(texts)
+            groups: dict[tuple[str, ...], list[int]] = {}
+            for i, options in enumerate(choices):
+                groups.setdefault(options, []).append(i)
+            for options, rows in groups.items():
+                asked = replace(request, constraint=Constraint(choice=options))
+                for i, done in zip(rows, self.complete([conversations[i] for i in rows], asked), strict=True):
+                    completions[i] = done
+        table = answers_table(completions)
+        at = ANSWER_SCHEMA.get_field_index("choices")
+        return table.set_column(
+            at, ANSWER_SCHEMA.field("choices"), pa.array(choices, ANSWER_SCHEMA.field("choices").type)
+        )
 
     # Scoring a label set (``decoding: score``, see ``pipeline/scoring.py``).
 

@@ -63,7 +63,9 @@ class FakeBackend(ByteTokens, Backend):
     def cannot_score(cls, settings: FakeSettings) -> str | None:
         return None
 
-    def answer(self, prompt, texts: pl.Series, request: Request) -> pa.Table:
+    def answer(self, prompt, texts: pl.Series, request: Request, choices=None) -> pa.Table:
+        if choices is not None:  # each row its own set: the base's way, one row at a time
+            return super().answer(prompt, texts, request, choices)
         users = prompt.user_messages(texts)
         other = self._tokens(prompt.system) + 4 + 4  # the system message, and the user message's own 4
         if request.decoding == SCORE:
@@ -164,6 +166,8 @@ def _table(text, logprob, prompt_tokens, output_tokens, alternatives) -> pa.Tabl
         "error": pa.nulls(n, pa.string()),
         "retries": np.zeros(n, dtype=np.int32),
         "alternatives": alternatives,
+        "choices": pa.nulls(n, ANSWER_SCHEMA.field("choices").type),
+        "levels": pa.nulls(n, ALTERNATIVES_TYPE),
     }
     return pa.Table.from_arrays(
         [pa.array(columns[f.name], f.type) for f in ANSWER_SCHEMA], schema=ANSWER_SCHEMA

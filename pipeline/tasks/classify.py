@@ -9,6 +9,13 @@ constraint); the answer is checked against the set again here, because a constra
 ``max_tokens`` yields a prefix of a label, not a label. Confidence is ``exp(logprob)`` of the
 constrained answer.
 
+Strategies (``strategy:``) for label sets too big for one prompt, such as a taxonomy of thousands
+of categories: ``flat`` puts every label in the prompt; ``shortlist`` gives each row the ``k``
+labels its retrievers find most likely (``pipeline/retrieval.py``) and the row picks among those;
+``hierarchical`` walks the taxonomy top-down, each row choosing among the children of the node it
+chose at the level above. Rows that choose among options of their own show them through
+``{choices}`` in the prompt; how the options are found and asked is ``pipeline/strategies.py``.
+
 Multi-label: the answer is JSON ``{"labels": [...]}`` constrained by a schema (each item one of the
 labels, 1 to ``labels_max`` items). ``label`` holds the first, ``labels`` all of them (repeats
 dropped, order kept); confidence is null, as a probability of a set would need every subset scored.
@@ -16,6 +23,7 @@ dropped, order kept); confidence is null, as a probability of a set would need e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Literal
@@ -37,8 +45,58 @@ from pipeline.contracts import (
     Status,
 )
 from pipeline.errors import ConfigError
-from pipeline.labels import load_label_ids
+from pipeline.labels import Taxonomy, load_label_ids
+from pipeline.models import resolve_model
+from pipeline.retrieval import model_digest
 from pipeline.tasks.base import TRUNCATED_NOTE, RowResult, Task
+
+RETRIEVERS = ("lexical", "embeddings", "examples")
+CONSTRAINED_MAX_LABELS = 2000
+"""Most labels ``strategy: flat`` generates within (``decoding: constrained``): guided decoding
+compiles the choice into a grammar per label set, and its engines slow down or refuse past about
+this many options (guidance refuses more than 2,000). Scored labels have no such limit."""
+
+
+class ShortlistSettings(Options):
+    """The ``shortlist:`` section: how each row's candidates are found."""
+
+    k: int = Field(default=20, ge=1)
+    """Candidates each retriever offers a row; with several retrievers their lists are merged (a
+    row gets up to ``k`` times their number)."""
+    retrievers: tuple[Literal["lexical", "embeddings", "examples"], ...] = ("lexical",)
+    """``lexical``: TF-IDF of character n-grams between the text and the label paths (no model;
+    works for Polish). ``embeddings``: sentence embeddings of the text and the labels
+    (``embedding_model``). ``examples``: the labels of the most similar already-labelled texts
+    (``examples_file``, and this job's earlier answers in the result cache)."""
+    embedding_model: str = "all-minilm-l6-v2"
+    """A sentence-transformers model: a local folder, an alias of ``labelmill models list``, or a
+    Hugging Face id in the local cache. Used by ``embeddings`` (and by ``examples`` when
+    ``examples_by`` is ``embeddings``)."""
+    embedding_device: str | None = None
+    """Where embeddings are computed (``cpu``, ``cuda``); None: the GPU when there is one."""
+    examples_file: str | None = None
+    """Labelled texts (Parquet, CSV, TSV or JSON Lines) for the ``examples`` retriever."""
+    examples_text_column: str = "text"
+    examples_label_column: str = "label"
+    examples_from_cache: bool = True
+    """The ``examples`` retriever also learns from this job's earlier answers in the result cache
+    (those at least ``examples_min_confidence`` sure)."""
+    examples_min_confidence: float = Field(default=0.5, ge=0, le=1)
+    examples_by: Literal["lexical", "embeddings"] = "lexical"
+    """How the ``examples`` retriever finds similar texts."""
+    neighbours: int = Field(default=50, ge=1)
+    """Similar labelled texts the ``examples`` retriever reads per row."""
+
+    @model_validator(mode="after")
+    def _retrievers(self) -> ShortlistSettings:
+        if not self.retrievers:
+            raise ValueError("name at least one retriever: " + ", ".join(RETRIEVERS))
+        if len(set(self.retrievers)) != len(self.retrievers):
+            raise ValueError("a retriever is named twice in 'retrievers'")
+        if "examples" in self.retrievers and not (self.examples_file or self.examples_from_cache):
+            raise ValueError("the examples retriever needs examples_file or examples_from_cache: true")
+        return self
+
 
 LABEL_PROBS_TYPE = pa.list_(pa.struct([pa.field("label", pa.string()), pa.field("prob", pa.float64())]))
 
@@ -64,15 +122,24 @@ class ClassifySettings(Options):
     README, "How confidence is computed"). ``constrained``: the answer is generated token by token
     within the label set. ``auto``: ``score`` where it applies (single label, greedy sampling, a
     backend that can score), else ``constrained``; ``labelmill validate`` says which and why."""
-    score_calibration: Literal["content_free", "none"] = "content_free"
+    score_calibration: Literal["content_free", "none"] | None = None
     """With ``score``: ``content_free`` divides each label's probability by what the same prompt
     gives it for content-free inputs (``N/A``, an empty text, ``[MASK]``), at every step, and
     normalises again: a label whose first token is a common fragment (``S`` for ``Sunscreen``) or
     that the prompt favours no longer wins rows it has no evidence for (contextual calibration).
-    Costs a few requests per label set per run. ``none``: the model's probabilities as they are."""
+    Costs a few requests per label set per run. ``none``: the model's probabilities as they are.
+    Default: ``content_free`` for ``strategy: flat``; ``none`` where rows have sets of their own
+    (calibrating each set would cost three more requests per row)."""
     label_probs: int = Field(default=0, ge=0)
     """With ``score``: an output column ``label_probs`` with this many of the most probable labels
     and their probabilities (list of ``{label, prob}``, most probable first). 0: no column."""
+    strategy: Literal["flat", "shortlist", "hierarchical"] = "flat"
+    """``flat``: every label in the prompt (refused when they don't fit the context).
+    ``shortlist``: each row chooses among its own candidates (``shortlist:`` says how they are
+    found); output column ``candidates``. ``hierarchical``: a taxonomy walked top-down, one level
+    per engine call, each row choosing among the children of what it chose above; output column
+    ``level_confidences``. Both need a template with ``{choices}`` (``*_choices`` built-ins)."""
+    shortlist: ShortlistSettings | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ClassifySettings:
@@ -88,6 +155,21 @@ class ClassifySettings(Options):
             raise ValueError("'label_probs' applies to single-label classification (without labels_max)")
         if self.decoding == "constrained" and self.label_probs:
             raise ValueError("'label_probs' needs decoding: score (or auto)")
+        if self.shortlist is not None and self.strategy != "shortlist":
+            raise ValueError("a 'shortlist' section needs strategy: shortlist")
+        if self.strategy != "flat" and self.labels_max:
+            raise ValueError(
+                f"strategy: {self.strategy} picks one label per row; labels_max needs strategy: flat"
+            )
+        if self.strategy == "hierarchical" and self.label_probs:
+            raise ValueError(
+                "label_probs lists one label set's probabilities; strategy: hierarchical has one per level"
+            )
+        if self.strategy != "flat" and self.score_calibration == "content_free":
+            raise ValueError(
+                f"score_calibration: content_free needs one label set for all rows, and strategy: "
+                f"{self.strategy} gives each row its own; leave it out"
+            )
         return self
 
 
@@ -99,9 +181,21 @@ class ClassifyTask(Task):
 
     def __init__(self, settings: ClassifySettings, sampling: Sampling | None = None) -> None:
         super().__init__(settings, sampling or Sampling())
+        self.strategy = settings.strategy
+        self.shortlist = (settings.shortlist or ShortlistSettings()) if self.strategy == "shortlist" else None
         self.labels, self.label_ids = load_label_ids(
             settings.labels, settings.labels_file, settings.labels_max_depth, settings.assign
         )
+        self._identity: dict | None = None
+        self.tree: Taxonomy | None = None
+        if self.strategy == "hierarchical":
+            self.tree = Taxonomy(self.labels, leaves_only=settings.assign == "leaf")
+            if self.tree.depth < 2:
+                raise ConfigError(
+                    f"strategy: hierarchical walks a taxonomy level by level, and these {len(self.labels)} "
+                    f"labels have no levels (no '{PATH_SEP.strip()}' paths)",
+                    hint="use strategy: flat or shortlist, or a taxonomy file",
+                )
         self.labels_max = settings.labels_max if settings.labels_max and settings.labels_max > 1 else None
         self._max_tokens = self.sampling.max_tokens
         self._label_set = set(self.labels)
@@ -112,6 +206,9 @@ class ClassifyTask(Task):
         self.decoding = SCORE if settings.decoding != "constrained" and not self.labels_max else GENERATE
         self.decoding_note: str | None = None
         """Why ``auto`` chose constrained decoding, when it did."""
+        self.calibration = settings.score_calibration or (
+            "content_free" if self.strategy == "flat" else "none"
+        )
         if self.decoding == SCORE and self.sampling.temperature > 0:
             self._no_scoring("temperature > 0 samples the answer token by token")
 
@@ -120,6 +217,27 @@ class ClassifyTask(Task):
         score a label set (None: it can)."""
         if self.decoding == SCORE and cannot_score:
             self._no_scoring(cannot_score)
+        if self.strategy == "flat" and not self.scored and len(self.labels) > CONSTRAINED_MAX_LABELS:
+            raise ConfigError(
+                f"strategy: flat with {len(self.labels)} labels, generated within the label set "
+                f"(decoding: constrained{', ' + self.decoding_note if self.decoding_note else ''}): "
+                f"constrained decoding takes at most {CONSTRAINED_MAX_LABELS} labels",
+                hint="use strategy: shortlist (each row chooses among its k best candidates) or "
+                "strategy: hierarchical (one level of the taxonomy at a time), or a backend that "
+                "scores labels (decoding: score)",
+            )
+
+    def too_long_hint(self) -> str:
+        """What to do when the prompt leaves no room for the row (``text_budget``)."""
+        if self.strategy == "flat":
+            return (
+                f"the {len(self.labels)} labels are in every prompt: use strategy: shortlist (each row "
+                "sees only its k best candidates) or strategy: hierarchical (one level of the taxonomy "
+                "at a time), or raise max_model_len"
+            )
+        if self.shortlist is not None:
+            return "lower shortlist.k or use fewer retrievers, or raise max_model_len"
+        return "a level of this taxonomy has too many categories for the context: raise max_model_len"
 
     def _no_scoring(self, reason: str) -> None:
         if self.settings.decoding == "score":
@@ -143,8 +261,26 @@ class ClassifyTask(Task):
             self.sampling,
             SCORE,
             max(1, self.label_probs),
-            calibrate=self.settings.score_calibration == "content_free",
+            calibrate=self.calibration == "content_free",
         )
+
+    @property
+    def row_choices(self) -> bool:
+        """Each row chooses among options of its own (its candidates, or a level's children)."""
+        return self.strategy != "flat"
+
+    @property
+    def row_choices_why(self) -> str:
+        return f"strategy: {self.strategy} gives each row its own options"
+
+    def widest_choices(self) -> list[str]:
+        """The longest options any row can be shown (for the prompt's token budget)."""
+        if self.strategy == "flat":
+            return self.labels
+        if self.tree is not None:
+            return self.tree.widest_options()
+        width = self.shortlist.k * len(self.shortlist.retrievers)
+        return sorted(self.labels, key=lambda label: len(label.encode()), reverse=True)[:width]
 
     @property
     def single_label(self) -> bool:
@@ -154,6 +290,18 @@ class ClassifyTask(Task):
         shown = ", ".join(self.labels[:8]) + (" ..." if len(self.labels) > 8 else "")
         kind = f", up to {self.labels_max} per row" if self.labels_max else ""
         lines = [("labels", f"{len(self.labels)}{kind}: {shown}")]
+        if self.shortlist is not None:
+            s = self.shortlist
+            lines.append(
+                ("strategy", f"shortlist: each row chooses among the {s.k} best candidates of "
+                 f"{' + '.join(s.retrievers)} (merged: up to {s.k * len(s.retrievers)})")
+            )  # fmt: skip
+        elif self.tree is not None:
+            lines.append(
+                ("strategy", f"hierarchical: {self.tree.depth} levels, at most "
+                 f"{len(self.tree.widest_options())} options per level; the answer is "
+                 + ("a leaf" if self.tree.leaves_only else "any category"))
+            )  # fmt: skip
         if self.scored:
             lines.append(("decoding", "score: each label's probability, the most probable is the answer"))
         elif not self.labels_max:
@@ -168,6 +316,10 @@ class ClassifyTask(Task):
             fields.append(pa.field("labels", pa.list_(pa.string())))
         if self.label_probs:
             fields.append(pa.field("label_probs", LABEL_PROBS_TYPE))
+        if self.shortlist is not None:
+            fields.append(pa.field("candidates", pa.list_(pa.string())))
+        if self.tree is not None:
+            fields.append(pa.field("level_confidences", pa.list_(pa.float64())))
         if self.label_ids:
             fields.append(pa.field("label_id", pa.string()))
         if self.taxonomy:
@@ -175,6 +327,8 @@ class ClassifyTask(Task):
         return fields
 
     def prompt_values(self, language: str = "en") -> dict[str, str]:
+        if self.row_choices:  # a shared list would defeat the strategy: rows show {choices}
+            return {"labels_max": "1"}
         return {
             "labels": "\n".join(f"- {label}" for label in self.labels),
             "labels_inline": ", ".join(self.labels),
@@ -221,9 +375,27 @@ class ClassifyTask(Task):
             described |= {
                 "decoding": SCORE,
                 "label_probs": self.label_probs,
-                "score_calibration": self.settings.score_calibration,
+                "score_calibration": self.calibration,
             }
+        if self.strategy != "flat":  # flat jobs keep the fingerprint they had before strategies
+            described["strategy"] = self.strategy
+            described["assign"] = self.settings.assign
+        if self.shortlist is not None:
+            described["shortlist"] = self.shortlist.model_dump(mode="json", exclude={"embedding_device"})
+            described["retrievers"] = self._retriever_identity()
         return described
+
+    def _retriever_identity(self) -> dict:
+        """What decides the candidates besides the settings: the embedding model's weights and the
+        examples file's bytes (a file or model changed in place gets new answers too)."""
+        if self._identity is None:
+            s, identity = self.shortlist, {}
+            if "embeddings" in s.retrievers or ("examples" in s.retrievers and s.examples_by == "embeddings"):
+                identity["embedding_model"] = model_digest(resolve_model(s.embedding_model))
+            if "examples" in s.retrievers and s.examples_file:
+                identity["examples_file"] = file_digest(s.examples_file)
+            self._identity = identity
+        return self._identity
 
     def parse(self, completion: Completion, truncated: bool) -> RowResult:
         if completion.error is not None:
@@ -270,6 +442,8 @@ class ClassifyTask(Task):
         )
         failed = pl.col("error").is_not_null()
         valid = ~failed & pl.col("answer").is_in(self.labels)
+        if self.row_choices:  # and one of the row's own options
+            valid = valid & pl.col("choices").list.contains(pl.col("answer")).fill_null(True)
         answered = pl.when(~failed)
         frame = frame.select(
             label=pl.when(valid).then(pl.col("answer")),
@@ -307,6 +481,18 @@ class ClassifyTask(Task):
                 if self.label_probs
                 else {}
             ),
+            **(
+                {"candidates": pl.when(~failed).then(pl.col("choices"))} if self.shortlist is not None else {}
+            ),
+            **(
+                {
+                    "level_confidences": pl.when(~failed).then(
+                        pl.col("levels").list.eval(pl.element().struct.field("logprob").exp())
+                    )
+                }
+                if self.tree is not None
+                else {}
+            ),
         )
         invalid = np.flatnonzero(frame["invalid"].to_numpy())
         if len(invalid):  # rare: word the reason row by row, as ``parse`` does
@@ -328,11 +514,15 @@ class ClassifyTask(Task):
         answer = text.strip()
         if finish_reason == "length":
             return f"answer cut at max_tokens={self.max_tokens()} before it was complete: {answer!r}"
+        if self.row_choices and answer in self._label_set:
+            return f"answer is not one of the row's options: {answer[:200]!r}"
         return f"answer is not one of the labels: {answer[:200]!r}"
 
     def _parse_one(self, completion: Completion, result: RowResult) -> list[str] | None:
         answer = completion.text.strip()
         if answer not in self._label_set:
+            return None
+        if completion.choices is not None and answer not in completion.choices:
             return None
         if completion.logprob is not None and not math.isnan(completion.logprob):
             result.values["confidence"] = min(1.0, max(0.0, math.exp(completion.logprob)))
@@ -349,3 +539,15 @@ class ClassifyTask(Task):
         if not all(isinstance(x, str) and x in self._label_set for x in items):
             return None
         return list(dict.fromkeys(items))
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (first 16 hex digits); a ConfigError naming it when unreadable."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise ConfigError(f"shortlist.examples_file {path} can't be read ({exc.strerror or exc})") from None
+    return h.hexdigest()[:16]
