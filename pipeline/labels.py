@@ -37,7 +37,12 @@ def load_label_ids(
     """``load_labels``, and each label's id where the file is a taxonomy with ids (Shopify's
     ``gid://...``, Google's number; the first one of a path listed twice)."""
     if labels_file is None:
-        return validate_labels(list(labels or []), "labels"), {}
+        cleaned = validate_labels(list(labels or []), "labels")
+        if max_depth is None and assign == "any":
+            return cleaned, {}
+        if not any(_TAXONOMY_SEP in label for label in cleaned):
+            raise LabelsError("labels: labels_max_depth and assign need taxonomy paths ('A > B')")
+        return _cut(cleaned, max_depth, assign), {}
     raw, line_numbers, ids = _read_labels_file(Path(labels_file), max_depth, assign)
     cleaned = validate_labels(raw, f"labels file {labels_file}", line_numbers)
     return cleaned, {label: i for label, i in zip(cleaned, ids, strict=True) if i is not None}
@@ -147,13 +152,21 @@ def _taxonomy_labels(
             len(repeats),
             ", ".join(repeats[:5]),
         )
-    if max_depth is not None:
-        first = {label: v for label, v in first.items() if label.count(_TAXONOMY_SEP) < max_depth}
-    if assign == "leaf":  # the leaves of the tree as cut at max_depth
-        parts = [label.split(_TAXONOMY_SEP) for label in first]
-        inner = {_TAXONOMY_SEP.join(p[:i]) for p in parts for i in range(1, len(p))}
-        first = {label: v for label, v in first.items() if label not in inner}
+    kept = set(_cut(list(first), max_depth, assign))
+    first = {label: v for label, v in first.items() if label in kept}
     return list(first), [n for n, _ in first.values()], [i for _, i in first.values()]
+
+
+def _cut(labels: list[str], max_depth: int | None, assign: str) -> list[str]:
+    """Taxonomy paths at most ``max_depth`` deep; with ``assign="leaf"`` only the leaves of the
+    tree as cut there. Order kept."""
+    if max_depth is not None:
+        labels = [label for label in labels if label.count(_TAXONOMY_SEP) < max_depth]
+    if assign == "leaf":
+        parts = [label.split(_TAXONOMY_SEP) for label in labels]
+        inner = {_TAXONOMY_SEP.join(p[:i]) for p in parts for i in range(1, len(p))}
+        labels = [label for label in labels if label not in inner]
+    return labels
 
 
 class Taxonomy:

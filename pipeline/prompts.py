@@ -13,9 +13,11 @@ Variables: ``text``, the task's own (classify: ``labels`` one ``- label`` per li
 with its type and allowed values, ``attribute_names``), and the job's ``prompt_vars``. A placeholder
 with no value, or a ``prompt_vars`` key the template never uses, is an error naming it.
 
-``{choices}``: the row's own options, one ``- option`` per line, for tasks whose rows each choose
-from a set of their own (classify with ``strategy: shortlist`` or ``hierarchical``). It belongs in
-the user message, before ``{text}``, so the instructions stay the shared prefix.
+``{choices}``: the row's options, one ``- option`` per line, in the user message before ``{text}``.
+Where rows each choose from a set of their own (classify with ``strategy: shortlist`` or
+``hierarchical``) it is filled row by row, after the shared instructions; where all rows share the
+label set (``strategy: flat``) it lists every label, the same for every row, so one template serves
+every strategy.
 """
 
 from __future__ import annotations
@@ -207,8 +209,11 @@ def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPromp
     if user_fields.count("text") != 1:
         raise PromptError(f"{path}: the user message must contain {{text}} exactly once")
     _check_choices(path, task, system_fields, user_fields)
+    row_choices = getattr(task, "row_choices", False)
+    if not row_choices and "labels" in builtins:
+        values["choices"] = builtins["labels"]
     used = set(system_fields) | set(user_fields)
-    missing = sorted(used - set(values) - {"text", "choices"})
+    missing = sorted(used - set(values) - {"text"} - ({"choices"} if row_choices else set()))
     if missing:
         raise PromptError(
             f"{path}: template variable(s) {missing} have no value",
@@ -226,12 +231,12 @@ def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPromp
         side.append(literal)
         if name == "text":
             side = after
-        elif name == "choices":
+        elif name == "choices" and row_choices:
             head, side = before, []
             before = side
         elif name is not None:
             side.append(values[name])
-    choices_prefix = "".join(head).lstrip() if "choices" in user_fields else None
+    choices_prefix = "".join(head).lstrip() if row_choices else None
     return RenderedPrompt(
         system=template.system.format_map(values).strip(),
         user_prefix="".join(before) if choices_prefix is not None else "".join(before).lstrip(),
@@ -250,12 +255,7 @@ def _check_choices(path, task, system_fields: list[str], user_fields: list[str])
             f"{path}: {{choices}} is in the system message",
             hint="each row's options go in the user message, before {text}",
         )
-    if not row_choices:
-        if "choices" in user_fields:
-            raise PromptError(
-                f"{path}: {{choices}} shows each row's own options, and this job's rows share one set",
-                hint="use {labels} in the system message, or set strategy: shortlist or hierarchical",
-            )
+    if not row_choices:  # every row has the same options: {choices} lists them all (``labels``)
         return
     shared = sorted({"labels", "labels_inline"} & set(system_fields + user_fields))
     if shared:

@@ -157,7 +157,14 @@ def run_plan(
     started = time.perf_counter()
     job = plan.job
     folder = RunFolder(job.output)
-    with folder.lock():
+    with folder.lock(), ExitStack() as closing:
+        if backend is None:
+            backend = closing.enter_context(make_backend(plan))
+        else:
+            check_backend(plan, backend)
+        # a prompt that can't fit stops here, before any model loads and before the run folder
+        # records this job (a refused job must not stand in the way of the corrected one)
+        budget = text_budget(plan, backend)
         job_yaml = yaml.safe_dump(job.to_dict(), sort_keys=False, allow_unicode=True)
         log.info(
             "run %s: %d rows in %d chunks, task %s, backend %s, model %s",
@@ -185,11 +192,6 @@ def run_plan(
         cache_stats = None
         if work:
             with ExitStack() as stack:
-                if backend is None:
-                    backend = stack.enter_context(make_backend(plan))
-                else:
-                    check_backend(plan, backend)
-                budget = text_budget(plan, backend)  # a prompt that can't fit stops before any model loads
                 if source is None and not job.cache.enabled:
                     backend.start()  # no earlier run's answers to use: fail early if it can't start
                 own_store = store is None

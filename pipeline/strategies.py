@@ -118,7 +118,9 @@ class Hierarchical:
     """The taxonomy walked top-down, one engine call per level for all the rows still walking.
 
     A level with a single option is passed without asking. The answer's log-probability is the sum
-    over the levels (its confidence the product), ``levels`` holds each level's choice, and
+    over the levels (its confidence the product); ``levels`` holds the node chosen at each level of
+    the answer's path with its log-probability (where a row chose to stop at a node over its
+    children, that choice's is added to the node's, so ``levels`` runs along the path), and
     ``choices`` the options of the last level, so the answer is checked against what was offered.
     """
 
@@ -162,7 +164,12 @@ class Hierarchical:
                     if done.error is not None or chosen not in offered[i]:
                         last[i] = done  # failed or invalid: the walk ends, the task says why
                         continue
-                    levels[i].append((chosen, done.logprob if done.logprob is not None else math.nan))
+                    logprob = done.logprob if done.logprob is not None else math.nan
+                    if chosen == at[i]:  # stopping here is part of this level's choice
+                        node, above = levels[i][-1]
+                        levels[i][-1] = (node, above + logprob)
+                    else:
+                        levels[i].append((chosen, logprob))
                     if self._stop(at[i], chosen):
                         last[i] = done
                     else:

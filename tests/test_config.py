@@ -108,9 +108,17 @@ def test_neither_labels_nor_labels_file_refused(tmp_path: Path) -> None:
     assert "'labels'" in message and "'labels_file'" in message
 
 
-def test_labels_max_depth_without_labels_file_refused(tmp_path: Path) -> None:
-    message = job_error(tmp_path, {**BASE, "labels_max_depth": 1})
-    assert "labels_max_depth" in message
+def test_labels_max_depth_without_taxonomy_paths_refused(tmp_path: Path) -> None:
+    from pipeline.errors import LabelsError
+    from pipeline.tasks.classify import ClassifySettings, ClassifyTask
+
+    with pytest.raises(LabelsError, match="labels_max_depth and assign need taxonomy paths"):
+        ClassifyTask(ClassifySettings(labels=["Tea", "Coffee"], labels_max_depth=1))
+    paths = ["Food > Tea", "Food > Coffee", "Home", "Home > Mugs"]
+    assert ClassifyTask(ClassifySettings(labels=paths, labels_max_depth=1, assign="leaf")).labels == ["Home"]
+    assert ClassifyTask(ClassifySettings(labels=paths, assign="leaf")).labels == [
+        "Food > Tea", "Food > Coffee", "Home > Mugs"
+    ]  # fmt: skip
 
 
 def test_unknown_backend_is_named_with_the_known_ones(tmp_path: Path) -> None:

@@ -81,6 +81,8 @@ def _answers(texts: list[str]) -> pa.Table:
             "error": pa.nulls(n, pa.string()),
             "retries": [0] * n,
             "alternatives": pa.nulls(n, ALTERNATIVES_TYPE),
+            "choices": pa.nulls(n, pa.list_(pa.string())),
+            "levels": pa.nulls(n, ALTERNATIVES_TYPE),
         },
         schema=ANSWER_SCHEMA,
     )

@@ -241,7 +241,22 @@ def test_shipped_templates_render(path: Path) -> None:
     assert path.name.split(".")[-2] == tmpl.language
     messages = prompt.messages("krem do rąk z mocznikiem")
     assert messages[1]["content"].endswith("krem do rąk z mocznikiem")
+    shown = messages[0]["content"] if "{choices}" not in tmpl.user else messages[1]["content"]
     for label in labels:
-        assert label in messages[0]["content"]
+        assert label in shown
     assert "{text}" not in messages[0]["content"]
     assert "{" not in messages[1]["content"]
+
+
+def test_a_choices_template_shows_each_rows_own_options_after_the_shared_instructions() -> None:
+    paths = ["Food > Tea", "Food > Coffee", "Home > Mugs", "Home > Kettles"]
+    task = ClassifyTask(ClassifySettings(labels=paths, strategy="hierarchical"))
+    prompt = render_template(PROMPTS_DIR / "classify_product_choices.en.yaml", task, {})
+    assert prompt.row_choices
+    one = prompt.messages("green tea", ["Food > Tea", "Food > Coffee"])
+    two = prompt.messages("kettle", ["Home > Mugs", "Home > Kettles"])
+    assert one[0] == two[0]  # the system message: the same for every row
+    assert one[1]["content"] == "Categories:\n- Food > Tea\n- Food > Coffee\n\nProduct title: green tea"
+    assert "Food" not in two[1]["content"]
+    with pytest.raises(ValueError, match="give them"):
+        prompt.messages("kettle")

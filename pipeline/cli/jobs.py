@@ -84,7 +84,11 @@ def validate(job_file: str, rows: int, sets: tuple[str, ...], date: str | None) 
     if unused:
         echo(f"  note    section(s) {', '.join(unused)} belong to other backends: not used by {job.backend}")
     request = plan.request
-    if request.decoding == SCORE and backend is not None and plan.backend_class.loads_weights:
+    row_choices = plan.prompt.row_choices
+    if row_choices:
+        how = "scored" if request.decoding == SCORE else "generated"
+        echo(f"  answer  {how} per row, among the row's own options")
+    elif request.decoding == SCORE and backend is not None and plan.backend_class.loads_weights:
         echo(_trie_line(backend.label_trie(request.constraint.choice, plan.prompt.messages(""))))
     else:
         echo(f"  answer  at most {request.max_tokens} tokens")
@@ -95,12 +99,34 @@ def validate(job_file: str, rows: int, sets: tuple[str, ...], date: str | None) 
     first = plan.chunks[0]
     table = read_chunk(plan.files[first.file_index], first, plan.read_columns)
     texts = [t for t in row_texts(table.slice(0, 1000), job.text_column, job.text_template) if t][:rows]
-    for n, text in enumerate(texts, 1):
-        messages = plan.prompt.messages(text)
+    options = _row_options(plan, texts) if row_choices else [(None, {})] * len(texts)
+    for n, (text, (choices, found)) in enumerate(zip(texts, options, strict=True), 1):
+        messages = plan.prompt.messages(text, choices)
         shown = backend.render_chat(messages) if backend else messages
         count = f"{backend.prompt_tokens(messages)} tokens" if backend else "tokens not counted"
+        if backend and row_choices:  # next to what every label in the prompt would take
+            flat = backend.prompt_tokens(plan.prompt.messages(text, plan.task.labels))
+            count += f"; with all {len(plan.task.labels)} labels listed: {flat} tokens"
         click.echo(f"--- prompt {n} ({count}) ---")
+        for name, candidates in found.items():
+            click.echo(f"{name}: {' | '.join(candidates) if candidates else '(none)'}")
         click.echo(shown if isinstance(shown, str) else json.dumps(shown, ensure_ascii=False, indent=2))
+
+
+def _row_options(plan, texts: list[str]) -> list[tuple[list[str], dict[str, list[str]]]]:
+    """Each sample row's options as the first call shows them, and each retriever's candidates."""
+    from pipeline.strategies import Shortlist, make_strategy
+
+    strategy = make_strategy(plan)  # validate reads no cache: the examples file only
+    if isinstance(strategy, Shortlist):
+        merged = strategy.candidates(texts)
+        each = strategy.by_retriever(texts)
+        return [
+            (m, {**{f"candidates ({name})": found[i] for name, found in each.items()}, "merged": m})
+            for i, m in enumerate(merged)
+        ]
+    first = plan.task.tree.options(None)
+    return [(first, {"level 1 options": first}) for _ in texts]
 
 
 def _trie_line(trie) -> str:

@@ -69,6 +69,7 @@ runs collapsed to one space, stripped; a string that is then a plain decimal num
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -89,6 +90,7 @@ from pipeline.evaluation.classification import (
     classification_metrics,
     hierarchy_metrics,
     label_probs_metrics,
+    shortlist_metrics,
 )
 from pipeline.evaluation.extraction import extraction_metrics, gold_attributes
 from pipeline.evaluation.gold import NULL_LIKE, NullValues, parse_null_values, read_label_gold
@@ -194,6 +196,8 @@ def evaluate(
             "status_counts": dict(Counter(status)),
             "parts": run.parts,
             "chunks_total": run.manifest.chunks,
+            **_strategy(run),
+            **_speed(run),
         },
         "join": {
             **joined.summary(),
@@ -262,6 +266,8 @@ def evaluate(
                 confusion_png(metrics["confusion"], out / "confusion.png")
                 files.append("confusion.png")
         metrics["calibration"] = calibration(correct, conf, thresholds)
+        if "candidates" in run.table.column_names and not gold_labels.sets:
+            metrics["shortlist"] = shortlist_metrics(gold, _take(run.table, "candidates", rows), preds)
         if "label_probs" in run.table.column_names:
             gold_sets = gold if gold_labels.sets else [{g} for g in gold]
             probs = [
@@ -277,6 +283,31 @@ def evaluate(
     (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     (out / "eval.md").write_text(markdown(report), encoding="utf-8")
     return report
+
+
+def _strategy(run) -> dict:
+    """Which strategy made the run, and for a shortlist its retrievers and k."""
+    provenance = run.manifest.provenance
+    if run.evaluation() != "classify":
+        return {}
+    found = {"strategy": provenance.get("strategy", "flat")}
+    shortlist = provenance.get("shortlist")
+    if isinstance(shortlist, dict):
+        found |= {"retrievers": shortlist.get("retrievers"), "k": shortlist.get("k")}
+    return found
+
+
+def _speed(run) -> dict:
+    """Prompt tokens per answered row and the run's labelling speed (its ``summary.json``)."""
+    found: dict = {}
+    if "prompt_tokens" in run.table.column_names:
+        tokens = [t for t in run.table.column("prompt_tokens").to_pylist() if t]
+        found["prompt_tokens_per_row"] = sum(tokens) / len(tokens) if tokens else None
+    summary = run.folder / "summary.json"
+    if summary.is_file():
+        with contextlib.suppress(ValueError):
+            found["rows_per_second"] = json.loads(summary.read_text()).get("rows_per_second")
+    return found
 
 
 def _gold_attributes(cell, row_id, nulls: NullValues):

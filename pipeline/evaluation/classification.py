@@ -195,3 +195,24 @@ def hierarchy_metrics(gold: list[str], predicted: list[str | None]) -> dict | No
         "hierarchical_recall": recall,
         "hierarchical_f1": _f1(precision, recall),
     }
+
+
+def shortlist_metrics(
+    gold: list[str], candidates: list[list[str] | None], predicted: list[str | None]
+) -> dict:
+    """How often the right label was even offered (recall@k of the candidate lists, merged order),
+    and how often the model picked it when it was: accuracy = recall x choice accuracy. Rows
+    without candidates (no answer came) count as not offered."""
+    n = len(gold)
+    sizes = [len(c) for c in candidates if c]
+    largest = max(sizes, default=0)
+    ks = sorted({k for k in (1, 3, 5, 10, 20) if k < largest} | {largest}) if largest else []
+    rank = [c.index(g) + 1 if c and g in c else None for g, c in zip(gold, candidates, strict=True)]
+    offered = [i for i, r in enumerate(rank) if r is not None]
+    return {
+        "rows": n,
+        "mean_candidates": sum(sizes) / len(sizes) if sizes else None,
+        "recall_at": [{"k": k, "recall": _ratio(sum(r is not None and r <= k for r in rank), n)} for k in ks],
+        "recall": _ratio(len(offered), n),
+        "accuracy_when_offered": _ratio(sum(predicted[i] == gold[i] for i in offered), len(offered)),
+    }

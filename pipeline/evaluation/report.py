@@ -51,6 +51,7 @@ def markdown(report: dict) -> str:
         "",
         f"Gold: `{report['gold_file']}` column `{report['gold_column']}`, joined on `{report['on']}` "
         f"(run column `{report['run_id_column']}`). Task: {report['kind']}; model: {run['model']}.",
+        *_strategy_md(run),
         "",
         "## Rows",
         "",
@@ -164,9 +165,40 @@ def _classification_md(m: dict, files: set[str]) -> list[str]:
     return (
         lines
         + _hierarchy_md(m.get("hierarchy"))
+        + _shortlist_md(m.get("shortlist"))
         + _calibration_md(m["calibration"], files)
         + _label_probs_md(m.get("label_probs"))
     )
+
+
+def _strategy_md(run: dict) -> list[str]:
+    if "strategy" not in run:
+        return []
+    how = f"Strategy: {run['strategy']}"
+    if run.get("retrievers"):
+        how += f" (retrievers {' + '.join(run['retrievers'])}, k {run['k']} each)"
+    if run.get("prompt_tokens_per_row") is not None:
+        how += f"; prompt tokens per row {run['prompt_tokens_per_row']:.0f}"
+    if run.get("rows_per_second") is not None:
+        how += f"; {run['rows_per_second']} rows/s"
+    return [how + "."]
+
+
+def _shortlist_md(s: dict | None) -> list[str]:
+    if not s:
+        return []
+    return [
+        "",
+        "## Candidates (shortlist)",
+        "",
+        f"The right label was among the row's candidates for {_pct(s['recall'])} of the rows (mean "
+        f"{_f(s['mean_candidates'])} candidates); where it was, the model picked it for "
+        f"{_pct(s['accuracy_when_offered'])}.",
+        "",
+        "| k (first of the merged list) | recall@k |",
+        "|---:|---:|",
+        *(f"| {x['k']} | {_f(x['recall'])} |" for x in s["recall_at"]),
+    ]
 
 
 def _hierarchy_md(h: dict | None) -> list[str]:

@@ -140,23 +140,19 @@ class ClassifySettings(Options):
     per engine call, each row choosing among the children of what it chose above; output column
     ``level_confidences``. Both need a template with ``{choices}`` (``*_choices`` built-ins)."""
     shortlist: ShortlistSettings | None = None
+    """How ``strategy: shortlist`` finds candidates; kept, unused, under another strategy (so
+    ``--set strategy=flat`` tries the same job flat)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ClassifySettings:
         if (self.labels is None) == (self.labels_file is None):
             raise ValueError("give exactly one of 'labels' or 'labels_file'")
-        if self.labels_max_depth is not None and self.labels_file is None:
-            raise ValueError("'labels_max_depth' applies to 'labels_file' only")
-        if self.assign != "any" and self.labels_file is None:
-            raise ValueError("'assign' applies to taxonomy files ('labels_file') only")
         if self.labels_max and self.decoding == "score":
             raise ValueError("decoding: score picks one label; multi-label (labels_max) is constrained")
         if self.labels_max and self.label_probs:
             raise ValueError("'label_probs' applies to single-label classification (without labels_max)")
         if self.decoding == "constrained" and self.label_probs:
             raise ValueError("'label_probs' needs decoding: score (or auto)")
-        if self.shortlist is not None and self.strategy != "shortlist":
-            raise ValueError("a 'shortlist' section needs strategy: shortlist")
         if self.strategy != "flat" and self.labels_max:
             raise ValueError(
                 f"strategy: {self.strategy} picks one label per row; labels_max needs strategy: flat"
