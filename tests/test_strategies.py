@@ -305,3 +305,31 @@ def test_validate_shows_each_retrievers_candidates_and_the_flat_token_count(tmp_
     mine = int(counts[0].split("(")[1].split()[0])
     flat = int(counts[0].split("listed: ")[1].split()[0])
     assert mine * 20 <= flat
+
+
+def test_each_levels_option_sets_are_calibrated_with_content_free_prompts_showing_them(
+    tmp_path, labelmill_home
+):
+    job = _job(tmp_path, labels=TREE, labels_file=None, strategy="hierarchical", shortlist=None,
+               prompt="classify_product_choices.en", prompt_vars=None)  # fmt: skip
+    plan = plan_job(load_job(job))
+    assert plan.request.calibrate  # the default for a walk down a taxonomy
+    seen = []
+
+    class Scoring(FakeBackend):
+        def score(self, conversations, request, choices=None, neutral=()):
+            if choices is not None:  # (the double then scores row by row, without choices)
+                seen.append((choices, neutral))
+            return super().score(conversations, request, choices, neutral)
+
+    texts = pl.Series([f"item {i}" for i in range(40)])
+    Hierarchical(plan.task.tree).answer(Scoring(), plan.prompt, texts, plan.request)
+    assert seen
+    for choices, neutral in seen:
+        assert len(set(choices)) == 1 and len(neutral) == 3  # one set per call, three neutral prompts
+        shown = "\n".join(f"- {option}" for option in choices[0])
+        assert all(shown in n[-1]["content"] for n in neutral)
+    shortlist = plan_job(load_job(_job(tmp_path, name="short")))
+    assert not shortlist.request.calibrate  # a set per row: not calibrated unless asked, and refused if asked
+    with pytest.raises(Exception, match="content_free"):
+        load_job(_job(tmp_path, name="short2", score_calibration="content_free"))

@@ -145,16 +145,24 @@ class Backend(ABC):
         self, prompt: RenderedPrompt, texts: pl.Series, request: Request, choices: list[tuple[str, ...]]
     ) -> pa.Table:
         conversations = [prompt.messages(t, c) for t, c in zip(texts, choices, strict=True)]
-        if request.decoding == SCORE:
+        if request.decoding == SCORE and request.calibrate:
+            # Calibrated: the content-free prompts must show the same options as the rows they
+            # calibrate, so rows are scored set by set (a taxonomy level has few distinct sets).
+            completions = [None] * len(texts)
+            for options, rows in _by_set(choices).items():
+                neutral = [prompt.messages(t, options) for t in NEUTRAL_TEXTS]
+                asked = [conversations[i] for i in rows]
+                for i, done in zip(
+                    rows, self.score(asked, request, [options] * len(rows), neutral), strict=True
+                ):
+                    completions[i] = done
+        elif request.decoding == SCORE:
             completions = self.score(conversations, request, choices=choices)
         else:
             # Generated answers: one call per distinct option set, the set as its choice
             # constraint (a level of a taxonomy shares sets; a shortlist's rows rarely do).
-            completions: list[Completion | None] = [None] * len(texts)
-            groups: dict[tuple[str, ...], list[int]] = {}
-            for i, options in enumerate(choices):
-                groups.setdefault(options, []).append(i)
-            for options, rows in groups.items():
+            completions = [None] * len(texts)
+            for options, rows in _by_set(choices).items():
                 asked = replace(request, constraint=Constraint(choice=options))
                 for i, done in zip(rows, self.complete([conversations[i] for i in rows], asked), strict=True):
                     completions[i] = done
@@ -239,6 +247,14 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _by_set(choices: list[tuple[str, ...]]) -> dict[tuple[str, ...], list[int]]:
+    """Row numbers by their option set, sets in order of first appearance."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, options in enumerate(choices):
+        groups.setdefault(options, []).append(i)
+    return groups
 
 
 _BYTES_PER_TOKEN = 4

@@ -128,8 +128,9 @@ class ClassifySettings(Options):
     normalises again: a label whose first token is a common fragment (``S`` for ``Sunscreen``) or
     that the prompt favours no longer wins rows it has no evidence for (contextual calibration).
     Costs a few requests per label set per run. ``none``: the model's probabilities as they are.
-    Default: ``content_free`` for ``strategy: flat``; ``none`` where rows have sets of their own
-    (calibrating each set would cost three more requests per row)."""
+    Default: ``content_free``, except with ``strategy: shortlist``, whose rows each have a set of
+    their own (calibrating each would cost three more requests per row): ``none``. With
+    ``hierarchical``, each option set of a level is calibrated (a level has few distinct sets)."""
     label_probs: int = Field(default=0, ge=0)
     """With ``score``: an output column ``label_probs`` with this many of the most probable labels
     and their probabilities (list of ``{label, prob}``, most probable first). 0: no column."""
@@ -161,10 +162,10 @@ class ClassifySettings(Options):
             raise ValueError(
                 "label_probs lists one label set's probabilities; strategy: hierarchical has one per level"
             )
-        if self.strategy != "flat" and self.score_calibration == "content_free":
+        if self.strategy == "shortlist" and self.score_calibration == "content_free":
             raise ValueError(
-                f"score_calibration: content_free needs one label set for all rows, and strategy: "
-                f"{self.strategy} gives each row its own; leave it out"
+                "score_calibration: content_free calibrates a label set with three content-free "
+                "prompts, and strategy: shortlist gives each row a set of its own; leave it out"
             )
         return self
 
@@ -203,7 +204,7 @@ class ClassifyTask(Task):
         self.decoding_note: str | None = None
         """Why ``auto`` chose constrained decoding, when it did."""
         self.calibration = settings.score_calibration or (
-            "content_free" if self.strategy == "flat" else "none"
+            "none" if self.strategy == "shortlist" else "content_free"
         )
         if self.decoding == SCORE and self.sampling.temperature > 0:
             self._no_scoring("temperature > 0 samples the answer token by token")
