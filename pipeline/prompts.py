@@ -208,8 +208,8 @@ def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPromp
         )
     if user_fields.count("text") != 1:
         raise PromptError(f"{path}: the user message must contain {{text}} exactly once")
-    _check_choices(path, task, system_fields, user_fields)
     row_choices = getattr(task, "row_choices", False)
+    _check_choices(path, task, row_choices, system_fields, user_fields)
     if not row_choices and "labels" in builtins:
         values["choices"] = builtins["labels"]
     used = set(system_fields) | set(user_fields)
@@ -246,9 +246,8 @@ def render(path: str | Path, task, prompt_vars: dict[str, str]) -> RenderedPromp
     )
 
 
-def _check_choices(path, task, system_fields: list[str], user_fields: list[str]) -> None:
+def _check_choices(path, task, row_choices: bool, system_fields: list[str], user_fields: list[str]) -> None:
     """``{choices}`` where, and only where, each row has its own options."""
-    row_choices = getattr(task, "row_choices", False)
     why = getattr(task, "row_choices_why", "each row has its own options")
     if "choices" in system_fields:
         raise PromptError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -187,19 +188,16 @@ class Hierarchical:
     def _final(done: Completion, levels, offered, tokens, retries) -> Completion:
         if done.error is not None:
             return Completion.failed(done.error, int(retries))
-        logprob = sum(lp for _, lp in levels) if levels else done.logprob
-        return Completion(
-            done.text,
-            logprob,
-            int(tokens[0]),
-            int(tokens[1]),
-            done.finish_reason,
-            int(tokens[2]) if tokens[2] else done.cached_tokens,
-            None,
-            int(retries),
-            None,
-            tuple(offered),
-            tuple(levels),
+        return replace(
+            done,
+            logprob=sum(lp for _, lp in levels) if levels else done.logprob,
+            prompt_tokens=int(tokens[0]),
+            output_tokens=int(tokens[1]),
+            cached_tokens=int(tokens[2]) if tokens[2] else done.cached_tokens,
+            retries=int(retries),
+            alternatives=None,  # the last level's only: not the answer's
+            choices=tuple(offered),
+            levels=tuple(levels),
         )
 
 

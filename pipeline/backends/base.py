@@ -145,27 +145,31 @@ class Backend(ABC):
         self, prompt: RenderedPrompt, texts: pl.Series, request: Request, choices: list[tuple[str, ...]]
     ) -> pa.Table:
         conversations = [prompt.messages(t, c) for t, c in zip(texts, choices, strict=True)]
-        if request.decoding == SCORE and request.calibrate:
+        if request.decoding == SCORE and not request.calibrate:
+            completions = self.score(conversations, request, choices=choices)
+        elif request.decoding == SCORE:
             # Calibrated: the content-free prompts must show the same options as the rows they
             # calibrate, so rows are scored set by set (a taxonomy level has few distinct sets).
-            completions = [None] * len(texts)
-            for options, rows in _by_set(choices).items():
-                neutral = [prompt.messages(t, options) for t in NEUTRAL_TEXTS]
-                asked = [conversations[i] for i in rows]
-                for i, done in zip(
-                    rows, self.score(asked, request, [options] * len(rows), neutral), strict=True
-                ):
-                    completions[i] = done
-        elif request.decoding == SCORE:
-            completions = self.score(conversations, request, choices=choices)
+            completions = _per_set(
+                conversations,
+                choices,
+                lambda asked, options: self.score(
+                    asked,
+                    request,
+                    [options] * len(asked),
+                    [prompt.messages(t, options) for t in NEUTRAL_TEXTS],
+                ),
+            )
         else:
             # Generated answers: one call per distinct option set, the set as its choice
             # constraint (a level of a taxonomy shares sets; a shortlist's rows rarely do).
-            completions = [None] * len(texts)
-            for options, rows in _by_set(choices).items():
-                asked = replace(request, constraint=Constraint(choice=options))
-                for i, done in zip(rows, self.complete([conversations[i] for i in rows], asked), strict=True):
-                    completions[i] = done
+            completions = _per_set(
+                conversations,
+                choices,
+                lambda asked, options: self.complete(
+                    asked, replace(request, constraint=Constraint(choice=options))
+                ),
+            )
         table = answers_table(completions)
         at = ANSWER_SCHEMA.get_field_index("choices")
         return table.set_column(
@@ -249,12 +253,21 @@ class Backend(ABC):
         self.close()
 
 
-def _by_set(choices: list[tuple[str, ...]]) -> dict[tuple[str, ...], list[int]]:
-    """Row numbers by their option set, sets in order of first appearance."""
+def _per_set(
+    conversations: list[Messages],
+    choices: list[tuple[str, ...]],
+    ask: Callable[[list[Messages], tuple[str, ...]], list[Completion]],
+) -> list[Completion]:
+    """``ask`` once per distinct option set with that set's conversations; the answers back in the
+    conversations' order."""
     groups: dict[tuple[str, ...], list[int]] = {}
     for i, options in enumerate(choices):
         groups.setdefault(options, []).append(i)
-    return groups
+    completions: list[Completion] = [None] * len(conversations)  # type: ignore[list-item]
+    for options, rows in groups.items():
+        for i, done in zip(rows, ask([conversations[i] for i in rows], options), strict=True):
+            completions[i] = done
+    return completions
 
 
 _BYTES_PER_TOKEN = 4

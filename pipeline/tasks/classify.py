@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import polars as pl
@@ -50,7 +50,8 @@ from pipeline.models import resolve_model
 from pipeline.retrieval import model_digest
 from pipeline.tasks.base import TRUNCATED_NOTE, RowResult, Task
 
-RETRIEVERS = ("lexical", "embeddings", "examples")
+RetrieverName = Literal["lexical", "embeddings", "examples"]
+RETRIEVERS: tuple[str, ...] = get_args(RetrieverName)
 CONSTRAINED_MAX_LABELS = 2000
 """Most labels ``strategy: flat`` generates within (``decoding: constrained``): guided decoding
 compiles the choice into a grammar per label set, and its engines slow down or refuse past about
@@ -63,7 +64,7 @@ class ShortlistSettings(Options):
     k: int = Field(default=20, ge=1)
     """Candidates each retriever offers a row; with several retrievers their lists are merged (a
     row gets up to ``k`` times their number)."""
-    retrievers: tuple[Literal["lexical", "embeddings", "examples"], ...] = ("lexical",)
+    retrievers: tuple[RetrieverName, ...] = ("lexical",)
     """``lexical``: TF-IDF of character n-grams between the text and the label paths (no model;
     works for Polish). ``embeddings``: sentence embeddings of the text and the labels
     (``embedding_model``). ``examples``: the labels of the most similar already-labelled texts
