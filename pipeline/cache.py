@@ -217,12 +217,13 @@ class ResultCache:
         if self._file_rows >= self.max_file_rows:
             self._close_file()
 
-    def answers(self) -> pa.Table:
-        """Every stored answer as ``sent``, ``text`` and ``logprob`` (the ``examples`` retriever
-        learns from a job's earlier answers)."""
+    def answers(self, columns: tuple[str, ...] | list[str] = ("sent", "text", "logprob")) -> pa.Table:
+        """Every stored answer's ``columns`` (``ENTRY_SCHEMA`` fields): the ``examples`` retriever
+        and the cascade's student learn from a job's earlier answers."""
+        columns = list(columns)
         if not self._entries:
-            return pa.schema([ENTRY_SCHEMA.field(c) for c in ("sent", "text", "logprob")]).empty_table()
-        return self._take(np.arange(self._entries, dtype=np.int64), ["sent", "text", "logprob"])
+            return pa.schema([ENTRY_SCHEMA.field(c) for c in columns]).empty_table()
+        return self._take(np.arange(self._entries, dtype=np.int64), columns)
 
     def stats(self) -> dict:
         """Entries and bytes on disk: the whole store, and this job's namespace."""

@@ -53,6 +53,104 @@ class CacheConfig(Options):
     """Cache folder. None: ``$LABELMILL_HOME/cache``."""
 
 
+class CascadeConfig(Options):
+    """A student that answers the rows it is sure of in the model's place (``pipeline/cascade.py``).
+
+    The model labels a random sample of the input; a student trains on every answer the model
+    gave this job (the result cache); a confidence threshold is chosen on sampled answers it did
+    not train on, so that on the rows it accepts it agrees with the model at least
+    ``target_agreement`` of the time with probability at least ``1 - delta``. The rest go to the
+    model. A student that can't meet the target answers no row."""
+
+    student: Literal["tfidf", "embeddings"] = "tfidf"
+    """``tfidf``: character n-grams + logistic regression (no model to load). ``embeddings``:
+    sentence vectors (``embedding_model``) + logistic regression."""
+    embedding_model: str = "all-minilm-l6-v2"
+    """The ``embeddings`` student's sentence-transformers model: an alias, folder or local id."""
+    target_agreement: float = Field(default=0.95, gt=0, lt=1)
+    """On the rows the student answers, how often it must give the model's label."""
+    delta: float = Field(default=0.05, gt=0, lt=1)
+    """Allowed chance that the agreement promise fails (the bound's error level)."""
+    sample_rows: int = Field(default=300, ge=20)
+    """Input rows drawn at random for the model to label before the student trains (their
+    distinct texts; answers already in the cache cost nothing)."""
+    holdout: float = Field(default=0.5, gt=0, lt=1)
+    """Share of the sample's distinct texts kept out of training, to choose the threshold on."""
+    retrain_growth: float = Field(default=0.25, ge=0)
+    """A later run reuses the stored student until the job's cache holds this share more answers
+    than it was trained on (0: train every run); then it samples and trains again."""
+    max_training_texts: int = Field(default=200_000, gt=0)
+    """Most cached answers the student trains on (a seeded random subset beyond it)."""
+    seed: int = 0
+    """Seeds the sample, the held-out split and the training subset."""
+
+
+class EscalateConfig(Options):
+    """A second backend asked again for the rows the first answered badly (``escalate:``).
+
+    Written like a job's own backend keys: ``backend``, ``model`` and the backend's section
+    (``api:``, ``engine:``, ``fake:``); the rule says which rows go."""
+
+    backend: str
+    model: str
+    confidence_below: float | None = Field(default=None, gt=0, le=1)
+    """Rows whose confidence from the first backend is under this value are asked again."""
+    statuses: list[Literal["invalid", "error"]] = Field(default_factory=lambda: ["invalid"])
+    """Rows with these statuses from the first backend are asked again (``invalid``: an answer
+    outside the labels; ``error``: no answer after retries)."""
+    sections: SerializeAsAny[Options] = Field(default_factory=Options)
+    """The escalation backend's section, validated by that backend."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_sections(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or "sections" in raw:
+            return raw
+        raw = dict(raw)
+        owners = _section_owners()
+        raw["sections"] = {k: raw.pop(k) for k in list(raw) if k in owners}
+        return raw
+
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        try:
+            plugins.backend_class(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("sections", mode="before")
+    @classmethod
+    def _sections(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, Options):
+            return value
+        value = dict(value or {})
+        backend = info.data.get("backend")
+        if backend is not None:
+            section = plugins.backend_class(backend).section
+            if section is not None:
+                value.setdefault(section, {})
+        return _sections_model().model_validate(value)
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> EscalateConfig:
+        if self.confidence_below is None and not self.statuses:
+            raise ValueError("escalate needs a rule: confidence_below, statuses, or both")
+        return self
+
+    @property
+    def backend_settings(self) -> Options:
+        section = plugins.backend_class(self.backend).section
+        found = getattr(self.sections, section, None) if section else None
+        return found if found is not None else plugins.backend_class(self.backend).Settings()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"sections"})
+        data.update({k: v for k, v in self.sections.model_dump(mode="json").items() if v is not None})
+        return data
+
+
 class JobConfig(Options):
     """One labelling job: which rows, which task, which prompt, which model."""
 
@@ -94,6 +192,10 @@ class JobConfig(Options):
     sampling: Sampling = Field(default_factory=Sampling)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    cascade: CascadeConfig | None = None
+    """A student answers the rows it is sure of, the model the rest (classify, one label)."""
+    escalate: EscalateConfig | None = None
+    """Rows the model answered under a confidence, or invalid, are asked again of a second backend."""
     chunk_rows: int = Field(default=50_000, gt=0)
     """Rows per chunk: the unit of reading, of one engine call, of one output part and of resume."""
     max_input_tokens: int | None = Field(default=None, gt=0)
@@ -179,7 +281,12 @@ class JobConfig(Options):
 
     def to_dict(self) -> dict[str, Any]:
         """The job as its flat file form (what ``job.yaml`` in a run folder holds)."""
-        data = self.model_dump(mode="json", exclude={"task_settings", "sections"})
+        data = self.model_dump(mode="json", exclude={"task_settings", "sections", "escalate"})
+        if self.escalate is not None:
+            data["escalate"] = self.escalate.to_dict()
+        for key in ("cascade", "escalate"):
+            if data.get(key) is None:
+                data.pop(key, None)  # job files written before these keys keep their form
         data.update(self.task_settings.model_dump(mode="json"))
         data.update({k: v for k, v in self.sections.model_dump(mode="json").items() if v is not None})
         return data

@@ -200,3 +200,31 @@ COMMON_FIELDS = [
     pa.field("cached_tokens", pa.int32()),
 ]
 """Output columns every task's rows carry after the task's own."""
+
+
+class Source(StrEnum):
+    """Where a row's final answer came from (the ``source`` column of a job with a cascade or an
+    escalation)."""
+
+    MODEL = "model"
+    """Asked of the job's backend in this run."""
+    STUDENT = "student"
+    """Answered by the cascade's student in the model's place."""
+    ESCALATED = "escalated"
+    """Asked again of the escalation backend; the first answer is in ``first_label``."""
+    CACHE = "cache"
+    """The job's backend's answer from the result cache (an earlier run or chunk)."""
+    DUPLICATE = "duplicate"
+    """The answer of an earlier row of the chunk with the same normalised text."""
+
+
+def route_fields(cascade: bool, escalate: bool) -> list[pa.Field]:
+    """Output columns that say how a row was routed; none for a job without cascade or escalation."""
+    if not (cascade or escalate):
+        return []
+    fields = [pa.field("source", pa.string())]
+    if cascade:
+        fields.append(pa.field("student_confidence", pa.float64()))
+    if escalate:
+        fields += [pa.field("first_label", pa.string()), pa.field("first_confidence", pa.float64())]
+    return fields

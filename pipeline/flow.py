@@ -3,8 +3,10 @@
     rows -> text (cleaned, cut to the token budget; empty rows set aside)
          -> questions: rows whose normalised text is equal are asked once, with the first spelling
          -> the answer store: texts answered before (this run's earlier chunks, earlier runs)
+         -> the cascade's student, where the job has one: it answers the texts it is sure of
          -> the answer source: the backend (``run``), batch request files (``export``) or batch
             result files (``import``)
+         -> the escalation backend, where the job has one: the answers its rule picks, asked again
          -> the task parses the answers -> the chunk's output table, every row, in input order
 
 ``run``, ``export``, ``import`` and ``bench`` differ only in the answer source they plug in and in
@@ -26,12 +28,13 @@ import pyarrow.compute as pc
 
 from pipeline import __version__
 from pipeline.backends.base import Backend
-from pipeline.contracts import ANSWER_SCHEMA, Request, Status
+from pipeline.contracts import ANSWER_SCHEMA, Request, Source, Status, route_fields
 from pipeline.dedupe import group_rows, normalise_texts
 from pipeline.errors import BackendError
 from pipeline.io import Chunk, InputFile
 from pipeline.plan import Plan
 from pipeline.prompts import RenderedPrompt
+from pipeline.routing import Escalation, Router, route_columns
 from pipeline.runfolder import ChunkStats
 from pipeline.strategies import Flat, Strategy
 from pipeline.tasks.base import RowResult
@@ -126,6 +129,19 @@ class PendingChunk:
     source: np.ndarray
 
 
+@dataclass
+class Routes:
+    """How a chunk's distinct texts were answered (the ``source`` column's makings), one entry per
+    text in the order the store was asked."""
+
+    origin: np.ndarray
+    """A ``Source`` value per text."""
+    student_confidence: np.ndarray
+    """The student's confidence (NaN where it did not score the text)."""
+    first: pa.Table | None = None
+    """The first backend's ``label`` and ``confidence`` (null where the text was not escalated)."""
+
+
 class ChunkPipeline:
     """Labels chunks of one plan: ``label`` turns a chunk's input rows into its output rows."""
 
@@ -136,15 +152,21 @@ class ChunkPipeline:
         budget: int | None,
         store: AnswerStore | None,
         source: AnswerSource,
+        escalation: Escalation | None = None,
     ) -> None:
         """``backend`` counts and cuts tokens (it is not started for that); ``budget`` is the most
-        tokens a row's text may have; ``store`` may be None (nothing shared, every row asked)."""
+        tokens a row's text may have; ``store`` may be None (nothing shared, every row asked).
+        ``router`` (set once the cascade's student is chosen) answers what it is sure of before
+        the source is asked; ``escalation`` asks again what its rule picks."""
         self.plan = plan
         self.backend = backend
         self.budget = budget
         self.store = store
         self.source = source
         self.request = plan.request
+        self.router: Router | None = None
+        self.escalation = escalation
+        self.route_fields = route_fields(plan.job.cascade is not None, plan.escalation is not None)
 
     def label(
         self, table: pa.Table, chunk: Chunk, previous: pa.Table | None = None
@@ -171,7 +193,18 @@ class ChunkPipeline:
         missing = np.ones(len(sent), dtype=bool)
         missing[hits] = False
         ask = np.flatnonzero(missing)
-        stats = ChunkStats(model_calls=len(ask), cache_hits=len(hits), duplicates=len(texts) - len(sent))
+        routes = Routes(np.full(len(sent), Source.CACHE.value, dtype=object), np.full(len(sent), np.nan))
+        taught, taught_answers = np.empty(0, dtype=np.int64), ANSWER_SCHEMA.empty_table()
+        if self.router is not None and len(ask):
+            accept, taught_answers, confidence = self.router.route(sent.gather(ask))
+            routes.student_confidence[ask] = confidence
+            taught, ask = ask[accept], ask[~accept]
+            routes.origin[taught] = Source.STUDENT.value
+        routes.origin[ask] = Source.MODEL.value
+        stats = ChunkStats(
+            model_calls=len(ask), cache_hits=len(hits), student_labels=len(taught),
+            duplicates=len(texts) - len(sent),
+        )  # fmt: skip
         fresh = ANSWER_SCHEMA.empty_table()
         if len(ask):
             questions = Questions(
@@ -195,9 +228,53 @@ class ChunkPipeline:
         order = np.empty(len(sent), dtype=np.int64)
         order[hits] = np.arange(len(hits))
         order[ask] = len(hits) + np.arange(len(ask))
-        per_group = pa.concat_tables([stored, fresh]).take(pa.array(order))
+        order[taught] = len(hits) + len(ask) + np.arange(len(taught))
+        per_group = pa.concat_tables([stored, fresh, taught_answers]).take(pa.array(order))
         stats.count_answers(fresh)
-        return self.finish(pending, per_group.take(pa.array(group))), stats
+        if self.escalation is not None:
+            per_group = self._escalate(per_group, routes, sent, keys, stats)
+        routed = None
+        if self.route_fields:
+            duplicate = first[group] != np.arange(len(group))
+            first_answers = routes.first.take(pa.array(group)) if routes.first is not None else None
+            routed = route_columns(
+                self.route_fields,
+                routes.origin[group],
+                duplicate,
+                routes.student_confidence[group],
+                first_answers,
+            )
+        return self.finish(pending, per_group.take(pa.array(group)), routed), stats
+
+    def _escalate(
+        self, answers: pa.Table, routes: Routes, sent: pl.Series, keys: pl.Series, stats: ChunkStats
+    ) -> pa.Table:
+        """The model's answers (fresh or cached) that the escalation rule picks, replaced by the
+        escalation backend's; ``routes`` records the first answers and the new origin."""
+        escalation = self.escalation
+        from_model = np.isin(routes.origin, [Source.MODEL.value, Source.CACHE.value])
+        picked, first = escalation.picks(answers)
+        picked &= from_model
+        nulls = pa.Table.from_arrays(
+            [pa.nulls(answers.num_rows, pa.string()), pa.nulls(answers.num_rows, pa.float64())],
+            names=["label", "confidence"],
+        )
+        where = np.flatnonzero(picked)
+        if not len(where):
+            routes.first = nulls
+            return answers
+        again, asked = escalation.answer(self.plan.prompt, keys.gather(where), sent.gather(where))
+        stats.escalations += len(where)
+        stats.escalation_calls += asked
+        index = np.arange(answers.num_rows)
+        index[where] = answers.num_rows + np.arange(len(where))
+        routes.origin[where] = Source.ESCALATED.value
+        keep = pa.array(picked)
+        routes.first = pa.Table.from_arrays(
+            [pc.if_else(keep, first.column(c), nulls.column(c)) for c in ("label", "confidence")],
+            names=["label", "confidence"],
+        )
+        return pa.concat_tables([answers, again]).take(pa.array(index))
 
     def prepare(self, table: pa.Table, chunk: Chunk, previous: pa.Table | None = None) -> PendingChunk:
         """Row text, empty rows, truncation."""
@@ -207,9 +284,11 @@ class ChunkPipeline:
         if previous is None:
             todo = np.flatnonzero(texts.is_not_null().to_numpy())
             kept = task.results_table([RowResult(status=Status.EMPTY, error="text is null or blank")])
+            for f in self.route_fields:  # never answered: no source
+                kept = kept.append_column(f, pa.nulls(1, f.type))
             source = np.zeros(rows, dtype=np.int64)
         else:
-            schema = pa.schema(task.result_fields)
+            schema = pa.schema(task.result_fields + self.route_fields)
             kept = pa.Table.from_arrays([previous.column(f.name).cast(f.type) for f in schema], schema=schema)
             failed = pc.equal(previous.column("status"), Status.ERROR.value)
             todo = np.flatnonzero(failed.to_numpy(zero_copy_only=False))
@@ -234,9 +313,15 @@ class ChunkPipeline:
                 truncated[where] = True
         return PendingChunk(chunk, table, texts, todo, truncated, kept, source)
 
-    def finish(self, pending: PendingChunk, answers: pa.Table) -> pa.Table:
-        """The chunk's output table, given the answers (``ANSWER_SCHEMA``) of its ``todo`` rows."""
+    def finish(self, pending: PendingChunk, answers: pa.Table, routed: pa.Table | None = None) -> pa.Table:
+        """The chunk's output table, given the answers (``ANSWER_SCHEMA``) of its ``todo`` rows and,
+        where the job routes rows, their route columns."""
         parsed = self.plan.task.parse_answers(answers, pa.array(pending.truncated[pending.todo]))
+        if self.route_fields:
+            if routed is None:  # an answer source of its own (batch results) routes nothing
+                routed = pa.table({f.name: pa.nulls(parsed.num_rows, f.type) for f in self.route_fields})
+            for f in self.route_fields:
+                parsed = parsed.append_column(f, routed.column(f.name))
         index = pending.source.copy()
         index[pending.todo] = pending.kept.num_rows + np.arange(len(pending.todo))
         results = pa.concat_tables([pending.kept, parsed]).take(pa.array(index))

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipeline import __version__, plugins
 from pipeline.backends.base import Backend
 from pipeline.config import JobConfig
-from pipeline.contracts import COMMON_FIELDS, Request
+from pipeline.contracts import COMMON_FIELDS, Request, route_fields
 from pipeline.errors import ConfigError, InputFormatError
 from pipeline.io import (
     Chunk,
@@ -46,6 +46,22 @@ _TOKEN_MARGIN = 8
 
 
 @dataclass
+class EscalationPlan:
+    """The second backend of ``escalate:``: its class, its model, the task as that backend asks
+    it (a backend that can't score labels generates them), and its answer store's key."""
+
+    backend_class: type[Backend]
+    task: Task
+    model: str
+    settings: object
+    namespace: str
+
+    @property
+    def request(self) -> Request:
+        return self.task.request()
+
+
+@dataclass
 class Plan:
     job: JobConfig
     task: Task
@@ -59,6 +75,7 @@ class Plan:
     read_columns: list[str]
     schema: pa.Schema
     manifest: Manifest = field(repr=False)
+    escalation: EscalationPlan | None = None
 
     @property
     def rows(self) -> int:
@@ -108,8 +125,12 @@ def plan_job(job: JobConfig, check_id_values: bool = True, batch_files: bool = F
                 f"text column '{col}' is {types[col]}: a list, struct or map can't be read as text",
                 hint="point text_column / text_template at a string column",
             )
+    _check_cascade(job, task, batch_files)
+    escalation = _escalation(job, prompt) if job.escalate is not None else None
     id_column = job.id_column or GENERATED_ID
-    output_fields = task.fields + COMMON_FIELDS
+    output_fields = (
+        task.fields + COMMON_FIELDS + route_fields(job.cascade is not None, escalation is not None)
+    )
     clash = {f.name for f in output_fields} | ({GENERATED_ID} if not job.id_column else set())
     bad = sorted(clash & set(job.keep_columns + id_cols))
     if bad:
@@ -123,13 +144,60 @@ def plan_job(job: JobConfig, check_id_values: bool = True, batch_files: bool = F
     out_fields += [pa.field(c, types[c]) for c in job.keep_columns if c != job.id_column]
     schema = pa.schema(out_fields + output_fields)
     chunks = plan_chunks(files, job.chunk_rows)
-    manifest = _manifest(job, task, backend_class, prompt, model, files, chunks, text_cols, id_column)
-    return Plan(
-        job, task, backend_class, prompt, model, files, chunks, id_column, read_columns, schema, manifest
+    manifest = _manifest(
+        job, task, backend_class, prompt, model, files, chunks, text_cols, id_column, escalation
     )
+    return Plan(
+        job, task, backend_class, prompt, model, files, chunks, id_column, read_columns, schema, manifest,
+        escalation,
+    )  # fmt: skip
 
 
-def _manifest(job, task, backend_class, prompt, model, files, chunks, text_cols, id_column) -> Manifest:
+def _check_cascade(job: JobConfig, task: Task, batch_files: bool) -> None:
+    """A cascade and an escalation route single answers of a live backend."""
+    for key in ("cascade", "escalate"):
+        if getattr(job, key) is None:
+            continue
+        if not getattr(task, "single_label", False):
+            raise ConfigError(
+                f"{key}: routes rows by one label and its confidence, and task {job.task} "
+                + ("gives several labels per row" if job.task == "classify" else "gives no single label"),
+                hint=f"leave {key}: out, or label one label per row",
+            )
+        if batch_files:
+            raise ConfigError(
+                f"{key}: needs answers while the run goes, and batch files answer later",
+                hint=f"run the job with labelmill run, or leave {key}: out",
+            )
+    if job.cascade is not None and not job.cache.enabled:
+        raise ConfigError(
+            "cascade: trains its student on the model's answers in the result cache, and cache.enabled "
+            "is false",
+            hint="turn the cache on (cache.enabled: true), or leave cascade: out",
+        )
+
+
+def _escalation(job: JobConfig, prompt: RenderedPrompt) -> EscalationPlan:
+    esc = job.escalate
+    backend_class = plugins.backend_class(esc.backend)
+    settings = esc.backend_settings
+    task = plugins.task_class(job.task)(job.task_settings, job.sampling)
+    try:
+        task.use_backend(backend_class.cannot_score(settings))
+    except ConfigError as exc:
+        raise ConfigError(f"escalate: {exc.message}", hint=exc.hint) from None
+    model = resolve_model(esc.model) if backend_class.loads_weights else esc.model
+    identity = backend_class.identity(settings, task.request())
+    namespace = digest(
+        [esc.backend, esc.model, model_fingerprint(model), identity, prompt.fingerprint, task.describe(),
+         job.sampling.model_dump(), job.task, job.dedupe.model_dump()]
+    )  # fmt: skip
+    return EscalationPlan(backend_class, task, model, settings, namespace)
+
+
+def _manifest(
+    job, task, backend_class, prompt, model, files, chunks, text_cols, id_column, escalation=None
+) -> Manifest:
     weights = model_fingerprint(model)
     answers_spec = task.describe()
     settings = job.backend_settings
@@ -154,6 +222,12 @@ def _manifest(job, task, backend_class, prompt, model, files, chunks, text_cols,
     }
     if identity is not None:
         components[backend_class.section or job.backend] = digest(identity)
+    # routing decides labels: a job with a cascade or an escalation is another job (a job without
+    # them keeps the fingerprint it had before they existed)
+    if job.cascade is not None:
+        components["cascade"] = digest(job.cascade.model_dump(mode="json"))
+    if escalation is not None:
+        components["escalate"] = digest([escalation.namespace, job.escalate.model_dump(mode="json")])
     provenance = {
         "backend": job.backend,
         "model": job.model,
@@ -185,6 +259,12 @@ def _manifest(job, task, backend_class, prompt, model, files, chunks, text_cols,
 def make_backend(plan: Plan) -> Backend:
     """The job's backend, not started: it starts on its first uncached text."""
     return plan.backend_class(plan.job.backend_settings, plan.model)
+
+
+def make_escalation_backend(plan: Plan) -> Backend:
+    """The ``escalate:`` backend, not started: it starts on the first row that goes to it."""
+    esc = plan.escalation
+    return esc.backend_class(esc.settings, esc.model)
 
 
 def check_backend(plan: Plan, backend: Backend) -> None:

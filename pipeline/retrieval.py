@@ -385,6 +385,10 @@ class _Encoder:
         return vectors
 
 
+Encoder = _Encoder
+"""A sentence-transformers model that makes normalised vectors (the cascade's embeddings student)."""
+
+
 def _model_folder(model: str | Path) -> Path:
     folder = Path(model).expanduser()
     if folder.is_dir():

@@ -76,8 +76,8 @@ class Manifest(_Record):
 
 class ChunkStats(_Record):
     """Where a chunk's answers came from. Rows needing an answer = model_calls + cache_hits +
-    duplicates; the token counts are what the model processed, not what the rows carry. They add
-    up over chunks, and over the passes of one chunk."""
+    student_labels + duplicates; the token counts are what the model processed, not what the rows
+    carry. They add up over chunks, and over the passes of one chunk."""
 
     model_calls: int = 0
     """Distinct texts sent to the answer source (the model, or batch results)."""
@@ -85,6 +85,12 @@ class ChunkStats(_Record):
     """Distinct texts answered from the answer store."""
     duplicates: int = 0
     """Rows answered by an earlier row of the chunk with the same normalised text."""
+    student_labels: int = 0
+    """Distinct texts the cascade's student answered in the model's place."""
+    escalations: int = 0
+    """Distinct texts whose final answer is the escalation backend's (asked now, or its cache's)."""
+    escalation_calls: int = 0
+    """Of those, the ones sent to the escalation backend in this run."""
     retries: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -153,6 +159,8 @@ class RunFolder:
         self.answers = self.root / "answers"
         self.manifest_path = self.root / "run.json"
         self.summary_path = self.root / "summary.json"
+        self.cascade_path = self.root / "cascade.json"
+        """The student this run routes with (``pipeline/cascade.py``): a resumed run uses the same."""
         self.job_path = self.root / "job.yaml"
         self.lock_path = self.root / ".lock"
         self.width = part_width(chunks or 0)
@@ -225,7 +233,7 @@ class RunFolder:
         if restart:
             for path in (self.parts, self.markers, self.answers):
                 shutil.rmtree(path, ignore_errors=True)
-            for path in (self.manifest_path, self.summary_path):
+            for path in (self.manifest_path, self.summary_path, self.cascade_path):
                 path.unlink(missing_ok=True)
             old = None
         markers = self._markers()

@@ -28,12 +28,23 @@ import yaml
 from pipeline import logs
 from pipeline.backends.base import Backend
 from pipeline.cache import ResultCache
+from pipeline.cascade import cascade_summary, choose_router, run_record
 from pipeline.config import JobConfig
 from pipeline.contracts import STATUSES, Status
 from pipeline.errors import RunStateError
 from pipeline.flow import AnswerSource, AnswerStore, BackendSource, ChunkPipeline
 from pipeline.io import Chunk, ChunkReader
-from pipeline.plan import Plan, cache_root, check_backend, make_backend, now, plan_job, text_budget
+from pipeline.plan import (
+    Plan,
+    cache_root,
+    check_backend,
+    make_backend,
+    make_escalation_backend,
+    now,
+    plan_job,
+    text_budget,
+)
+from pipeline.routing import Escalation
 from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, part_width, status_totals
 from pipeline.strategies import make_strategy
 
@@ -190,6 +201,7 @@ def run_plan(
         labelling = 0.0
         rows_now = 0
         cache_stats = None
+        routed_by = None
         if work:
             with ExitStack() as stack:
                 if source is None and not job.cache.enabled:
@@ -211,10 +223,12 @@ def run_plan(
                     )  # fmt: skip
                 given = None if isinstance(progress, bool) else progress
                 bar = stack.enter_context(_Progress(plan.rows, done_rows, bool(progress), backend, given))
-                answers = source or BackendSource(
-                    backend, bar.within if bar.enabled else None, make_strategy(plan, store)
-                )
-                pipeline = ChunkPipeline(plan, backend, budget, store, answers)
+                strategy = make_strategy(plan, store)
+                answers = source or BackendSource(backend, bar.within if bar.enabled else None, strategy)
+                escalation = _escalation(plan, strategy, stack) if plan.escalation is not None else None
+                pipeline = ChunkPipeline(plan, backend, budget, store, answers, escalation)
+                if job.cascade is not None:
+                    pipeline.router, routed_by = choose_router(plan, pipeline, store, folder)
                 totals = status_totals(finished.values())
                 store_id = getattr(store, "store_id", None)
                 for item, out, stats, seconds in labelled_chunks(pipeline, folder, work, bar.begin):
@@ -238,9 +252,51 @@ def run_plan(
         }
         if cache_stats:
             summary["cache"] = cache_stats
+        if job.cascade is not None or plan.escalation is not None:
+            _route_summary(plan, folder, summary, routed_by)
         folder.write_summary(summary)
     _log_summary(summary)
     return summary
+
+
+def _escalation(plan: Plan, strategy, stack: ExitStack) -> Escalation:
+    """The ``escalate:`` backend (started on the first row that goes to it) with its own answer
+    store, so a row asked again tomorrow costs nothing."""
+    esc, job = plan.escalation, plan.job
+    backend = stack.enter_context(make_escalation_backend(plan))
+    store = None
+    if job.cache.enabled:
+        store = ResultCache(
+            cache_root(job), esc.namespace, within_run=job.dedupe.enabled,
+            about={"task": job.task, "model": job.escalate.model, "backend": job.escalate.backend,
+                   "prompt": job.prompt, "escalation_of": job.model, "created_at": now()},
+        )  # fmt: skip
+        stack.callback(store.close)
+    rule = job.escalate
+    return Escalation(backend, esc.task, esc.request, strategy, store, rule.confidence_below, rule.statuses)
+
+
+def _route_summary(plan: Plan, folder: RunFolder, summary: dict, routed_by: dict | None) -> None:
+    """Rows per source over the finished parts, and the cascade's student and bound."""
+    sources: dict[str, int] = {}
+    for marker in folder.finished().values():
+        try:
+            column = pq.read_table(folder.root / marker.part, columns=["source"]).column("source")
+        except (OSError, pa.ArrowException):
+            continue  # the summary counts what it can read; verify reports the damage
+        for item in pc.value_counts(column).to_pylist():
+            key = item["values"] if item["values"] is not None else "none"
+            sources[key] = sources.get(key, 0) + item["counts"]
+    summary["rows_by_source"] = dict(sorted(sources.items()))
+    if plan.job.cascade is None:
+        return
+    if routed_by is None:  # nothing was labelled in this invocation: what the run routed with
+        record = run_record(plan, folder)
+        routed_by = (record or {}).get("about")
+        if routed_by is not None:
+            routed_by = routed_by | {"student_id": record["student"]}
+    if routed_by is not None:
+        summary["cascade"] = cascade_summary(routed_by, summary, sources)
 
 
 def labelled_chunks(

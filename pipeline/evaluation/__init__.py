@@ -8,6 +8,9 @@
                 coverage, calibration of ``confidence`` (reliability diagram, ECE, accuracy at thresholds)
     classify, gold label sets (single-label run): accuracy (label in gold set), micro/macro P, R, F1
                 of the label as a one-label set, per-label table, calibration
+    single-label run with a ``source`` column (a cascade): the same accuracy, rows and mean confidence
+                per source; for student rows the mean ``student_confidence``, for escalated rows the
+                accuracy of ``first_label`` (the answer before escalation)
     multi-label run (a ``labels`` column): samples/micro/macro P, R, F1, exact-set match, per label
     extract:    precision, recall, F1 per attribute and overall, exact and normalised
     write eval.md, eval.json (the same numbers); for classify also confusion.csv/.png, reliability.png;
@@ -91,6 +94,7 @@ from pipeline.evaluation.classification import (
     hierarchy_metrics,
     label_probs_metrics,
     shortlist_metrics,
+    source_metrics,
 )
 from pipeline.evaluation.extraction import extraction_metrics, gold_attributes
 from pipeline.evaluation.gold import NULL_LIKE, NullValues, parse_null_values, read_label_gold
@@ -268,6 +272,8 @@ def evaluate(
         metrics["calibration"] = calibration(correct, conf, thresholds)
         if "candidates" in run.table.column_names and not gold_labels.sets:
             metrics["shortlist"] = shortlist_metrics(gold, _take(run.table, "candidates", rows), preds)
+        if "source" in run.table.column_names:
+            metrics["by_source"] = _by_source(run, rows, gold, correct, labelled, conf, sets=gold_labels.sets)
         if "label_probs" in run.table.column_names:
             gold_sets = gold if gold_labels.sets else [{g} for g in gold]
             probs = [
@@ -308,6 +314,34 @@ def _speed(run) -> dict:
         with contextlib.suppress(ValueError):
             found["rows_per_second"] = json.loads(summary.read_text()).get("rows_per_second")
     return found
+
+
+def _by_source(
+    run, rows: list[int], gold: list, correct: list[bool], labelled: list[bool], conf: list, *, sets: bool
+) -> dict:
+    """Scores per cascade ``source``; ``first_label`` is judged by the rule ``correct`` was, whatever
+    the row's final status, since it is the first backend's answer."""
+    table = run.table
+
+    def optional(column: str) -> list | None:
+        return _take(table, column, rows) if column in table.column_names else None
+
+    first = optional("first_label")
+    first_correct = (
+        None
+        if first is None
+        else [f is not None and (f in g if sets else f == g) for f, g in zip(first, gold, strict=True)]
+    )
+    return source_metrics(
+        _take(table, "source", rows),
+        correct,
+        labelled,
+        conf,
+        table.column("source").to_pylist(),
+        student_confidence=optional("student_confidence"),
+        first_correct=first_correct,
+        first_confidence=optional("first_confidence"),
+    )
 
 
 def _gold_attributes(cell, row_id, nulls: NullValues):

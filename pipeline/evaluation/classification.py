@@ -216,3 +216,62 @@ def shortlist_metrics(
         "recall": _ratio(len(offered), n),
         "accuracy_when_offered": _ratio(sum(predicted[i] == gold[i] for i in offered), len(offered)),
     }
+
+
+SOURCES = ("model", "cache", "duplicate", "student", "escalated")
+
+
+def source_metrics(
+    sources: list[str | None],
+    correct: list[bool],
+    labelled: list[bool],
+    confidence: list[float | None],
+    run_sources: list[str | None],
+    *,
+    student_confidence: list[float | None] | None = None,
+    first_correct: list[bool] | None = None,
+    first_confidence: list[float | None] | None = None,
+) -> dict:
+    """Scores per ``source`` (where a cascade run took each row's final label), keyed model, cache,
+    duplicate, student, escalated, any other value, then "none" for rows never answered.
+
+    The lists run over the scored rows; ``run_sources`` over every row of the run, so a source the
+    gold file never meets is still listed. Accuracy counts like the overall accuracy (a row without a
+    label is wrong), so the per-source ``right`` add up to the overall; it is None for a source with
+    no scored row. ``first_correct`` is whether each row's ``first_label`` (the answer before
+    escalation) was right."""
+    run_rows = Counter(run_sources)
+    others = sorted(s for s in run_rows if s is not None and s not in SOURCES)
+    order = [s for s in SOURCES if s in run_rows] + others + ([None] if None in run_rows else [])
+    found = {}
+    for source in order:
+        rows = [i for i, s in enumerate(sources) if s == source]
+        right = sum(correct[i] for i in rows)
+        entry = {
+            "run_rows": run_rows[source],
+            "rows": len(rows),
+            "labelled": sum(labelled[i] for i in rows),
+            "right": right,
+            "accuracy": right / len(rows) if rows else None,
+            "mean_confidence": _mean([confidence[i] for i in rows]),
+        }
+        if source == "student":
+            entry["mean_student_confidence"] = (
+                _mean([student_confidence[i] for i in rows]) if student_confidence is not None else None
+            )
+        if source == "escalated":
+            entry["first_label_accuracy"] = (
+                sum(first_correct[i] for i in rows) / len(rows)
+                if first_correct is not None and rows
+                else None
+            )
+            entry["first_label_mean_confidence"] = (
+                _mean([first_confidence[i] for i in rows]) if first_confidence is not None else None
+            )
+        found["none" if source is None else source] = entry
+    return found
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(present) / len(present) if present else None

@@ -166,6 +166,7 @@ def _classification_md(m: dict, files: set[str]) -> list[str]:
         lines
         + _hierarchy_md(m.get("hierarchy"))
         + _shortlist_md(m.get("shortlist"))
+        + _by_source_md(m.get("by_source"))
         + _calibration_md(m["calibration"], files)
         + _label_probs_md(m.get("label_probs"))
     )
@@ -199,6 +200,39 @@ def _shortlist_md(s: dict | None) -> list[str]:
         "|---:|---:|",
         *(f"| {x['k']} | {_f(x['recall'])} |" for x in s["recall_at"]),
     ]
+
+
+def _by_source_md(by: dict | None) -> list[str]:
+    if not by:
+        return []
+    lines = [
+        "",
+        "## By source (cascade)",
+        "",
+        "Where each row's final label came from (`source`; none: never answered). Accuracy is counted as "
+        "above: right / scored rows of the source, a row without a label is wrong. Mean confidence over "
+        "the scored rows with one.",
+        "",
+        "| source | rows in the run | scored | labelled | accuracy | mean confidence "
+        "| mean student confidence | first label accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {name} | {s['run_rows']} | {s['rows']} | {s['labelled']} | {_f(s['accuracy'])} "
+            f"| {_f(s['mean_confidence'])} | {_f(s.get('mean_student_confidence'))} "
+            f"| {_f(s.get('first_label_accuracy'))} |"
+            for name, s in by.items()
+        ),
+    ]
+    escalated = by.get("escalated")
+    if escalated and escalated["accuracy"] is not None and escalated["first_label_accuracy"] is not None:
+        before, after = escalated["first_label_accuracy"], escalated["accuracy"]
+        lines += [
+            "",
+            f"Escalation: on the {escalated['rows']} scored escalated rows the first backend's label was "
+            f"right for {_pct(before)}, the final label for {_pct(after)} "
+            f"({(after - before) * 100:+.1f} points).",
+        ]
+    return lines
 
 
 def _hierarchy_md(h: dict | None) -> list[str]:
@@ -310,7 +344,12 @@ def _classification_sets_md(m: dict, files: set[str]) -> list[str]:
         *_per_label_md(m["per_label"]),
         *_not_in_label_set_md(m),
     ]
-    return lines + _calibration_md(m["calibration"], files) + _label_probs_md(m.get("label_probs"))
+    return (
+        lines
+        + _by_source_md(m.get("by_source"))
+        + _calibration_md(m["calibration"], files)
+        + _label_probs_md(m.get("label_probs"))
+    )
 
 
 def _averages_md(m: dict, names: tuple[str, ...]) -> list[str]:
