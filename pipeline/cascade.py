@@ -42,7 +42,7 @@ from pipeline.io import Chunk, ChunkReader, write_text_atomic
 from pipeline.models import resolve_model
 from pipeline.plan import Plan, digest, now
 from pipeline.routing import Router
-from pipeline.runfolder import RunFolder
+from pipeline.runfolder import ChunkStats, RunFolder
 from pipeline.students import Student, Threshold, choose_threshold
 
 log = logs.get("cascade")
@@ -63,7 +63,7 @@ def choose_router(
     home = students_folder(plan, store)
     record = run_record(plan, folder)
     if record is not None and record["student"] is None:  # a resumed run that had no student
-        return Router(None, None, None), record["about"] | {"chosen": "this run's"}
+        return Router(None, None, None), record["about"] | {"resumed": True}
     if record is not None:  # a resumed run: the student it started with
         loaded = Student.load(home / record["student"])
         if loaded is None:
@@ -72,10 +72,10 @@ def choose_router(
                 f"{home / record['student']} is gone or unreadable (the cache was cleared or moved)",
                 hint="rerun with --restart: a new student is trained and every row routed with it",
             )
-        student, about = loaded
-        return _router(student, about, record["student"]), about | {
+        # what the run chose when it started (and its sample, if it trained one), resumed now
+        return _router(loaded[0], loaded[1], record["student"]), record["about"] | {
             "student_id": record["student"],
-            "chosen": "this run's",
+            "resumed": True,
         }
     current = _read_json(home / "current.json")
     if current is not None:
@@ -83,7 +83,7 @@ def choose_router(
         grown = _grown(len(store), current.get("trained_on_answers", 0), plan.job.cascade.retrain_growth)
         if loaded is not None and not grown:
             student, about = loaded
-            _write_record(plan, folder, current["student"], about)
+            _write_record(plan, folder, current["student"], about | {"chosen": "stored"})
             log.info(
                 "cascade: the stored student %s (trained on %d answers, threshold %s)",
                 current["student"], about["trained_on_answers"], about["threshold"]["value"],
@@ -94,7 +94,7 @@ def choose_router(
                 "chosen": "stored",
             }
     student_id, student, about = train(plan, pipeline, store, home)
-    _write_record(plan, folder, student_id, about)
+    _write_record(plan, folder, student_id, about | {"chosen": "trained"})
     return Router(student, about["threshold"]["value"], student_id), about | {
         "student_id": student_id,
         "chosen": "trained",
@@ -108,7 +108,7 @@ def train(
     (none when the cache holds nothing to train on besides the held-out texts)."""
     cfg = plan.job.cascade
     started = time.perf_counter()
-    sample, asked = _labelled_sample(plan, pipeline)
+    sample, sampled = _labelled_sample(plan, pipeline)
     held = _held_out(sample, cfg.holdout, cfg.seed)
     texts, labels = _training_answers(plan, store, set(held["key"].to_list()))
     about: dict = {
@@ -116,8 +116,12 @@ def train(
         "sample": {
             "rows": sample.height,
             "distinct_texts": sample["key"].n_unique(),
-            "model_calls": asked,
+            "model_calls": sampled.model_calls,
             "held_out": held.height,
+            "prompt_tokens": sampled.prompt_tokens,
+            "output_tokens": sampled.output_tokens,
+            "cached_tokens": sampled.cached_tokens,
+            "seconds": round(time.perf_counter() - started, 3),
         },
         "trained_on_answers": len(store),
         "training_texts": len(texts),
@@ -164,11 +168,11 @@ def train(
     return student_id, student, about
 
 
-def _labelled_sample(plan: Plan, pipeline: ChunkPipeline) -> tuple[pl.DataFrame, int]:
+def _labelled_sample(plan: Plan, pipeline: ChunkPipeline) -> tuple[pl.DataFrame, ChunkStats]:
     """``sample_rows`` input rows drawn at random (seeded by the settings and the input, so a
     resumed or repeated run draws the same), labelled by the model through the pipeline without
-    routing. Returns one row per sampled row with a text (its key, the text sent, the model's label,
-    null where its answer was invalid) and the model calls the sample cost."""
+    routing. Returns one row per distinct sampled text (its key, the text sent, the model's label,
+    null where its answer was invalid) and what labelling the sample cost."""
     cfg = plan.job.cascade
     rng = np.random.default_rng([cfg.seed, int(plan.manifest.components["input"], 16) % (1 << 32)])
     picked = np.sort(rng.choice(plan.rows, size=min(cfg.sample_rows, plan.rows), replace=False))
@@ -191,7 +195,7 @@ def _labelled_sample(plan: Plan, pipeline: ChunkPipeline) -> tuple[pl.DataFrame,
     frame = frame.filter(
         pl.col("key").is_not_null() & pl.col("status").is_in([*LABELLED, Status.INVALID.value])
     )
-    return frame.unique("key", keep="first", maintain_order=True), stats.model_calls
+    return frame.unique("key", keep="first", maintain_order=True), stats
 
 
 def _read_rows(plan: Plan, rows: np.ndarray) -> pa.Table:
@@ -270,6 +274,7 @@ def cascade_summary(about: dict, summary: dict, sources: dict[str, int]) -> dict
     return {
         "student": about.get("student_id"),
         "chosen": about.get("chosen"),
+        "resumed": bool(about.get("resumed")),
         "student_kind": about.get("student_kind"),
         "threshold": threshold.get("value"),
         "target_agreement": threshold.get("target"),
