@@ -19,7 +19,6 @@ import pytest
 from conftest import REPO_ROOT
 from teacher_server import TeacherServer
 
-from pipeline.config import load_job
 from pipeline.errors import ConfigError, JobFileError, RunStateError
 from pipeline.plan import plan_job
 from pipeline.runner import run_job
@@ -252,7 +251,8 @@ def test_escalation_by_status_takes_invalid_answers(make_job, read_parts, tmp_pa
     ):
         api = {"api_key_env": ENV, "constraint": "none"}
         files = make_job(
-            {"id": [1, 2, 3], "title": texts}, labels=LABELS, backend="openai", model="small", keep_columns=["title"],
+            {"id": [1, 2, 3], "title": texts}, labels=LABELS, keep_columns=["title"],
+            backend="openai", model="small",
             api={**api, "base_url": small.base_url}, cache={"path": str(tmp_path / "cache")},
             escalate={"backend": "openai", "model": "big", "api": {**api, "base_url": big.base_url}},
         )  # fmt: skip
