@@ -37,6 +37,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -175,9 +176,13 @@ class Student:
                 analyzer="char_wb", ngram_range=(2, 5), lowercase=True, sublinear_tf=True,
                 min_df=1, max_features=500_000, dtype=np.float32,
             )  # fmt: skip
-            student.estimator = make_pipeline(vectorizer, head).fit(texts, labels)
+            estimator, features = make_pipeline(vectorizer, head), texts
         else:
-            student.estimator = head.fit(student._vectors(texts), labels)
+            estimator, features = head, student._vectors(texts)
+        with warnings.catch_warnings():
+            # many labels with few answers each is the normal start of a cascade, not a mistake
+            warnings.filterwarnings("ignore", message="The number of unique classes")
+            student.estimator = estimator.fit(features, labels)
         return student
 
     def predict(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
