@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -71,6 +72,12 @@ class Profile(BaseModel):
         leaves the old backend's section behind (it is checked, and unused)."""
         changes = {**self.job, "input": str(sample), "output": str(output), "keep_columns": keep}
         changes["cache"] = {"enabled": False}  # measure the backend, not yesterday's answers
+        if job.cascade is not None:
+            # the student learns from the cache: a fresh one beside the run, nothing from yesterday
+            changes["cache"] = {
+                "enabled": True,
+                "path": str(Path(output).parent / f"{Path(output).name}-cache"),
+            }
         return job.with_changes(**changes)
 
     @property
@@ -175,6 +182,8 @@ def bench(
         profile = profiles[name]
         profile_job = profile.apply(job, sample_path, out_dir / "runs" / name, keep)
         log.info("[%s] running %d rows on %s / %s", name, n, profile_job.backend, profile_job.model)
+        if profile_job.cascade is not None:  # a cascade's own cache: empty at every bench
+            shutil.rmtree(profile_job.cache.path, ignore_errors=True)
         with engine_output_to_stderr():
             summary = run_job(profile_job, restart=True)
         table = pq.read_table(sorted((out_dir / "runs" / name / "parts").glob("*.parquet")))
@@ -189,19 +198,25 @@ def bench(
         seconds = summary["labelling_seconds"]
         rents = any(not isinstance(prices.get(i), ApiPrice) for i in profile.price_ids)
         hardware, hardware_why = ran_on(profile_job, profile, machine, rents)
+        student_labels = summary.get("student_labels", 0)
+        sampled = summary.get("sample_tokens", {})  # what labelling a cascade's sample cost
         results[name] = {
             "backend": profile_job.backend,
             "model": profile_job.model,
             "rows": summary["rows_done"],
             "status_counts": summary["status_counts"],
-            "input_tokens": summary["prompt_tokens"],
-            "cached_tokens": summary["cached_tokens"],
-            "output_tokens": summary["output_tokens"],
+            "input_tokens": summary["prompt_tokens"] + sampled.get("prompt_tokens", 0),
+            "cached_tokens": summary["cached_tokens"] + sampled.get("cached_tokens", 0),
+            "output_tokens": summary["output_tokens"] + sampled.get("output_tokens", 0),
             # Where the rows' answers came from: only model calls cost tokens or engine time.
-            "model_calls": summary["model_calls"],
-            "cache_hits": summary["cache_hits"],
+            # a cascade's sample is model calls too (its texts are cache hits in the chunks)
+            "model_calls": summary["model_calls"] + summary.get("sample_model_calls", 0),
+            "cache_hits": max(summary["cache_hits"] - summary.get("sample_model_calls", 0), 0),
             "duplicates": summary["duplicates"],
-            "rows_needing_answer": summary["model_calls"] + summary["cache_hits"] + summary["duplicates"],
+            "rows_needing_answer": summary["model_calls"]
+            + summary["cache_hits"]
+            + student_labels
+            + summary["duplicates"],
             "labelling_seconds": summary["labelling_seconds"],
             "wall_seconds": summary["this_invocation"]["wall_seconds"],
             "items_per_second": round(summary["rows_done"] / seconds, 2) if seconds >= 0.01 else None,
@@ -211,23 +226,28 @@ def bench(
             "reasoning": profile.reasoning
             or any(isinstance(p, ApiPrice) and p.reasoning for p in map(prices.get, profile.price_ids)),
         }
+        if student_labels:  # a cascade's student answered texts in the model's place
+            results[name]["student_labels"] = student_labels
 
     projections, notes = [], []
     for name in backends:
         measured, hardware = _sample(results[name]), results[name]["hardware"]
+        saved = _cascade_saved(results[name], dedupe_savings)
         self_hosted = []
         for price_id in profiles[name].price_ids:
             price = prices.get(price_id)
             if isinstance(price, ApiPrice):
                 p = project(measured, price, target_rows, dedupe_savings=dedupe_savings)
-                projections.append(_row(name, p, estimate=False))
+                projections.append(_row(name, p, estimate=False, student_labels=saved))
                 continue
             self_hosted.append(price)
             # A machine's measured time is priced only at the rent of a machine of its kind: CPU
             # throughput times a GPU's hourly rate is neither machine's cost.
             if hardware is None or _hardware_of(price) == hardware:
                 p = project(measured, price, target_rows, dedupe_savings=dedupe_savings)
-                projections.append(_row(f"{name} (time x {price_id} $/h)", p, estimate=False))
+                projections.append(
+                    _row(f"{name} (time x {price_id} $/h)", p, estimate=False, student_labels=saved)
+                )
         if hardware and self_hosted and not any(_hardware_of(p) == hardware for p in self_hosted):
             p = project(measured, self_hosted[0], target_rows, dedupe_savings=dedupe_savings)
             projections.append(_unpriced(f"{name} ({hardware.upper()} measurement)", p, hardware))
@@ -248,6 +268,7 @@ def bench(
     )
     if price_apis and reference:
         measured = _sample(results[reference])
+        saved = _cascade_saved(results[reference], dedupe_savings)
         for price_id in price_apis:
             price = prices.get(price_id)
             unreasoned = (
@@ -255,16 +276,19 @@ def bench(
             )
             source = f"tokens of {reference}" + ("; no reasoning tokens, too low" if unreasoned else "")
             p = project(measured, price, target_rows, dedupe_savings=dedupe_savings)
-            projections.append(_row(f"{price_id} ({source})", p, True))
+            projections.append(_row(f"{price_id} ({source})", p, True, saved))
             if isinstance(price, ApiPrice) and price.batch_discount:
                 batch = project(measured, price, target_rows, batch=True, dedupe_savings=dedupe_savings)
-                projections.append(_row(f"{price_id} batch API ({source})", batch, True))
+                projections.append(_row(f"{price_id} batch API ({source})", batch, True, saved))
             if unreasoned:
                 notes.append(
                     f"{price_id} is a reasoning model: its estimate uses the output tokens of "
                     f"{reference}, which does not reason, so it leaves out the hidden reasoning "
                     "tokens it would bill as output and is too low. Bench it as a profile to measure."
                 )
+    for name in backends:
+        if results[name].get("student_labels"):
+            notes.append(_cascade_note(name, results[name], dedupe_savings))
     for name in backends:
         if results[name]["reasoning"]:
             notes.append(
@@ -327,12 +351,60 @@ def _sample(r: dict) -> Sample:
     )
 
 
-def _row(name: str, p: Projection, estimate: bool) -> dict:
+def _row(name: str, p: Projection, estimate: bool, student_labels: int = 0) -> dict:
+    """A projection as the report lists it; ``student_labels``, the sample's texts a cascade's
+    student answered in the model's place, adds what the cascade saves."""
     row = asdict(p)
     row.update({"name": name, "estimate": estimate, "price_id": p.backend, "priced": True})
     if estimate:
         row["target_hours"] = None  # the API was not called: its speed was not measured
+    if student_labels:
+        row.update(cascade_saving(p, student_labels))
     return row
+
+
+def cascade_saving(p: Projection, student_labels: int) -> dict:
+    """$ per 1M items had the model answered the sample's ``student_labels`` texts too, at the
+    measured cost of one model call, and what the cascade saves of that: in USD, and as the ratio of
+    the cost with the cascade to the cost without. None where the sample made no model call, so
+    the cost of one is unknown."""
+    if not p.model_share:
+        return {
+            "usd_per_million_items_without_cascade": None,
+            "cascade_saving_usd_per_million_items": None,
+            "cascade_cost_ratio": None,
+        }
+    # a row asked again after an error counts twice in the totals; a share is of rows
+    share_without = min(p.model_share + student_labels / p.sample_rows, 1.0)
+    without = p.usd_per_million_items / p.model_share * share_without
+    return {
+        "usd_per_million_items_without_cascade": without,
+        "cascade_saving_usd_per_million_items": without - p.usd_per_million_items,
+        "cascade_cost_ratio": p.usd_per_million_items / without if without else None,
+    }
+
+
+def _cascade_saved(r: dict, dedupe_savings: bool) -> int:
+    """The student labels whose saving the projections show: none with --no-dedupe-savings, whose
+    projections price every row that needs an answer, the student's among them, as a model call."""
+    return r.get("student_labels", 0) if dedupe_savings else 0
+
+
+def _cascade_note(name: str, r: dict, dedupe_savings: bool) -> str:
+    said = (
+        f"{name}: a cascade's student answered {r['student_labels']} of the sampled texts in the "
+        "model's place"
+    )
+    if not dedupe_savings:
+        return (
+            f"{said}; --no-dedupe-savings prices every row that needs an answer as a model call, the "
+            "student's too, so these projections take no cascade saving."
+        )
+    return (
+        f"{said}. '$ per 1M without cascade' prices those texts as model calls at the measured cost "
+        "of one (self-hosted: the measured time, the student's included); 'cascade saving' is the "
+        "difference, then the cost with the cascade as a multiple of the cost without."
+    )
 
 
 def _unpriced(name: str, p: Projection, hardware: str) -> dict:
@@ -492,23 +564,30 @@ def markdown(report: dict) -> str:
             f"{r['input_tokens'] / calls:.1f} | {r['cached_tokens'] / calls:.1f} | "
             f"{r['output_tokens'] / calls:.1f} | {counts.get('ok', 0)} | {other} | {r['retries']} |"
         )
+    # the cascade columns only where a backend ran one: other reports read as they always have
+    cascades = any(_WITHOUT_CASCADE in p for p in report["projections"])
     lines += [
         "",
         f"## Cost, projected to {report['target_rows']:,} items",
         "",
-        "| backend | kind | rows to model | $ per 1M items | projected $ | projected hours | "
-        "price as of | price checked |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| backend | kind | rows to model | $ per 1M items | "
+        + ("$ per 1M without cascade | cascade saving | " if cascades else "")
+        + "projected $ | projected hours | price as of | price checked |",
+        "|---|---|---:|---:|" + ("---:|---:|" if cascades else "") + "---:|---:|---|---|",
     ]
     for p in report["projections"]:
         name = p["name"] + (" *(estimate)*" if p["estimate"] else "")
         hours = f"{p['target_hours']:,.1f}" if p["target_hours"] is not None else "-"
         if p["priced"]:
-            usd = f"{p['usd_per_million_items']:,.2f} | {p['target_usd']:,.0f}"
+            usd = [f"{p['usd_per_million_items']:,.2f}", f"{p['target_usd']:,.0f}"]
             price = f"{p['price_as_of']} | {'yes' if p['price_verified'] else 'no'}"
         else:
-            usd, price = "- | -", "- | -"
-        lines.append(f"| {name} | {_kind(p)} | {p['model_share']:.1%} | {usd} | {hours} | {price} |")
+            usd, price = ["-", "-"], "- | -"
+        if cascades:
+            usd[1:1] = _cascade_cells(p)
+        lines.append(
+            f"| {name} | {_kind(p)} | {p['model_share']:.1%} | {' | '.join(usd)} | {hours} | {price} |"
+        )
     names = list(report["agreement"])
     if len(names) > 1:
         header = "| | " + " | ".join(names) + " |"
@@ -535,6 +614,19 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {value} | {acc['rows']} |")
     lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+_WITHOUT_CASCADE = "usd_per_million_items_without_cascade"
+
+
+def _cascade_cells(p: dict) -> list[str]:
+    """$ per 1M items without the cascade, and the saving with the ratio of the costs with / without."""
+    without = p.get(_WITHOUT_CASCADE)
+    if without is None:
+        return ["-", "-"]
+    ratio = p["cascade_cost_ratio"]
+    saving = f"{p['cascade_saving_usd_per_million_items']:,.2f}"
+    return [f"{without:,.2f}", saving + (f" ({ratio:.2f}x)" if ratio is not None else "")]
 
 
 def _kind(p: dict) -> str:

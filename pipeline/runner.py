@@ -298,10 +298,11 @@ def _route_summary(plan: Plan, folder: RunFolder, summary: dict, routed_by: dict
     if routed_by is not None:
         summary["cascade"] = cascade_summary(routed_by, summary, sources)
         # the sample is model calls the chunks don't count (its texts are cache hits there)
-        sampled = routed_by.get("sample") or {}
-        summary["sample_model_calls"] = (
-            sampled.get("model_calls", 0) if routed_by.get("chosen") == "trained" else 0
-        )
+        sampled = (routed_by.get("sample") or {}) if routed_by.get("chosen") == "trained" else {}
+        summary["sample_model_calls"] = sampled.get("model_calls", 0)
+        summary["sample_tokens"] = {
+            k: sampled.get(k, 0) for k in ("prompt_tokens", "output_tokens", "cached_tokens")
+        }
 
 
 def labelled_chunks(

@@ -49,7 +49,7 @@ from pipeline.errors import MissingDependencyError
 StudentKind = Literal["tfidf", "embeddings"]
 STUDENT_FILE = "student.joblib"
 _INSTALL = "pip install 'labelmill[cascade]' (scikit-learn, sentence-transformers)"
-GRID = np.round(np.arange(0.995, -0.0001, -0.005), 3)
+GRID = np.round(np.arange(199, -1, -1) * 0.005, 3)
 """Candidate thresholds, strictest first; fixed before any data is seen (see the module's text)."""
 
 

@@ -189,14 +189,16 @@ def finish(summary: dict) -> None:
 def print_summary(s: dict, to_err: bool = True) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items())
     rate = s["rows_per_second"]
+    student = f"{s['student_labels']} from the student, " if s.get("student_labels") else ""
     lines = [
         f"chunks  {s['chunks_done']}/{s['chunks_total']}",
         f"rows    {s['rows_done']}/{s['rows_total']} ({counts})",
         f"tokens  {s['prompt_tokens']} in ({s.get('cached_tokens', 0)} cached), {s['output_tokens']} out",
-        f"answers {s.get('model_calls', 0)} from the model, {s.get('cache_hits', 0)} from the cache, "
-        f"{s.get('duplicates', 0)} rows shared a duplicate's answer; {s.get('retries', 0)} retries",
-        f"speed   {rate if rate else '-'} rows/s over {s['labelling_seconds']} s of labelling",
+        f"answers {s.get('model_calls', 0)} from the model, {student}{s.get('cache_hits', 0)} from the "
+        f"cache, {s.get('duplicates', 0)} rows shared a duplicate's answer; {s.get('retries', 0)} retries",
     ]
+    lines += _route_lines(s)
+    lines.append(f"speed   {rate if rate else '-'} rows/s over {s['labelling_seconds']} s of labelling")
     if not s["complete"] and s.get("eta_seconds") is not None:
         lines.append(f"eta     {s['eta_seconds']:.0f} s")
     inv = s.get("this_invocation")
@@ -211,6 +213,49 @@ def print_summary(s: dict, to_err: bool = True) -> None:
     lines.append(f"output  {s['run_folder']}/parts/*.parquet")
     for line in lines:
         click.echo(line, err=to_err)
+
+
+_SOURCE_ORDER = ("model", "student", "cache", "duplicate", "escalated")
+
+
+def _route_lines(s: dict) -> list[str]:
+    """Where the rows' answers came from, and what the cascade and the escalation did: printed
+    only for jobs that route rows, so that other runs read as they always have."""
+    lines = []
+    sources = s.get("rows_by_source")
+    if sources:
+        # a source this version does not know still counts rows, so it is shown after the known ones
+        order = [*_SOURCE_ORDER, *sorted(set(sources) - set(_SOURCE_ORDER))]
+        counts = ", ".join(f"{k} {sources[k]}" for k in order if sources.get(k))
+        lines.append(f"sources  {counts or '-'}")
+    cascade = s.get("cascade")
+    if cascade:
+        lines.append(f"cascade  {_cascade_line(cascade)}")
+    if s.get("escalations"):
+        lines.append(
+            f"escalated  {s['escalations']} texts to the second backend "
+            f"({s.get('escalation_calls', 0)} asked now, rest from its cache)"
+        )
+    return lines
+
+
+def _cascade_line(c: dict) -> str:
+    target = _num(c.get("target_agreement"), "g")
+    if c.get("threshold") is None:
+        why = f" ({c['why_no_threshold']})" if c.get("why_no_threshold") else ""
+        return f"the student could not meet agreement {target}{why}: every row went to the model"
+    rows = (c.get("rows_by_source") or {}).get("student", 0)
+    return (
+        f"student {c.get('student_kind') or '?'} ({c.get('chosen') or '?'}): threshold "
+        f"{_num(c['threshold'], '.3f')}, answered {rows} rows ({c.get('student_share') or 0:.1%}); "
+        f"held-out agreement {_num(c.get('agreement_estimate'), '.3f')}, lower bound "
+        f"{_num(c.get('agreement_bound'), '.3f')} at delta {_num(c.get('delta'), 'g')} (target {target}); "
+        f"{c.get('model_calls_saved', 0)} model calls saved"
+    )
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 @main.command("export")
