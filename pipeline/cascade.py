@@ -40,7 +40,7 @@ from pipeline.errors import RunStateError
 from pipeline.flow import ChunkPipeline
 from pipeline.io import Chunk, ChunkReader, write_text_atomic
 from pipeline.models import resolve_model
-from pipeline.plan import Plan, digest, now
+from pipeline.plan import Plan, cache_root, digest, now
 from pipeline.routing import Router
 from pipeline.runfolder import ChunkStats, RunFolder
 from pipeline.students import Student, Threshold, choose_threshold
@@ -50,10 +50,29 @@ _FORMAT = 1
 """Bumped when what a stored student means changes: students of another format are trained again."""
 
 
-def students_folder(plan: Plan, store: ResultCache) -> Path:
+def students_folder(plan: Plan, store: ResultCache | None = None) -> Path:
     """Where this job's students live: its cache namespace, one folder per cascade settings."""
     settings = plan.job.cascade.model_dump(mode="json", exclude={"retrain_growth"})
-    return store.folder / "students" / digest([_FORMAT, settings])
+    namespace = store.folder if store is not None else cache_root(plan.job) / plan.namespace
+    return namespace / "students" / digest([_FORMAT, settings])
+
+
+def describe(plan: Plan) -> str:
+    """One line for ``labelmill validate``: the settings, and the student a run would start from."""
+    cfg = plan.job.cascade
+    line = (
+        f"student {cfg.student}: agreement with the model >= {cfg.target_agreement} on the rows it "
+        f"answers, at delta {cfg.delta}; sample {cfg.sample_rows} rows, {cfg.holdout:.0%} held out"
+    )
+    current = _read_json(students_folder(plan) / "current.json")
+    if current is None:
+        return line + "; no stored student yet (the first run trains one)"
+    about = _read_json(students_folder(plan) / current["student"] / "student.json") or {}
+    threshold = (about.get("threshold") or {}).get("value")
+    return line + (
+        f"; stored student {current['student']} (trained on {current.get('trained_on_answers')} answers, "
+        + (f"threshold {threshold})" if threshold is not None else "answers no row)")
+    )
 
 
 def choose_router(
@@ -147,6 +166,7 @@ def train(
         f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest([about, plan.manifest.fingerprint])[:8]}"
     )
     student.save(home / student_id, about)
+    _prune(home, keep=student_id)
     write_text_atomic(
         json.dumps({"student": student_id, "trained_on_answers": about["trained_on_answers"]}, indent=2),
         home / "current.json",
@@ -227,6 +247,19 @@ def _training_answers(plan: Plan, store: ResultCache, held_out: set[str]) -> tup
     if frame.height > cfg.max_training_texts:
         frame = frame.sample(cfg.max_training_texts, seed=cfg.seed)
     return frame["sent"].to_list(), frame["label"].to_list()
+
+
+KEEP_STUDENTS = 3
+"""Students kept per job and settings: the current one and the last few before it, which runs
+started before it was trained may still be routing with."""
+
+
+def _prune(home: Path, keep: str) -> None:
+    import shutil
+
+    older = sorted((p for p in home.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
+    for folder in [p for p in older if p.name != keep][KEEP_STUDENTS - 1 :]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _grown(entries: int, trained_on: int, share: float) -> bool:

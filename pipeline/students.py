@@ -49,6 +49,8 @@ from pipeline.errors import MissingDependencyError
 StudentKind = Literal["tfidf", "embeddings"]
 STUDENT_FILE = "student.joblib"
 _INSTALL = "pip install 'labelmill[cascade]' (scikit-learn, sentence-transformers)"
+_MAX_WEIGHTS = 25_000_000
+"""Most weights (features x labels) a tfidf student keeps."""
 GRID = np.round(np.arange(199, -1, -1) * 0.005, 3)
 """Candidate thresholds, strictest first; fixed before any data is seen (see the module's text)."""
 
@@ -172,9 +174,13 @@ class Student:
             # a handful of titles per label still give a confident answer
             head = LogisticRegression(C=100.0, max_iter=2000, random_state=seed)
         if kind == "tfidf":
+            # logistic regression keeps a weight per feature and label: the vocabulary shrinks as
+            # labels grow so the model stays under about 200 MB (10 labels: 200,000 n-grams;
+            # 5,000 labels: 5,000)
+            features = int(min(200_000, max(5_000, _MAX_WEIGHTS // max(len(student.labels), 1))))
             vectorizer = TfidfVectorizer(
                 analyzer="char_wb", ngram_range=(2, 5), lowercase=True, sublinear_tf=True,
-                min_df=1, max_features=500_000, dtype=np.float32,
+                min_df=1, max_features=features, dtype=np.float32,
             )  # fmt: skip
             estimator, features = make_pipeline(vectorizer, head), texts
         else:

@@ -310,3 +310,16 @@ def test_jobs_without_cascade_keep_their_fingerprint_and_columns(make_job):
     assert "cascade" not in plain.manifest.components and "source" not in plain.schema.names
     assert routed.manifest.fingerprint != plain.manifest.fingerprint
     assert {"source", "student_confidence"} <= set(routed.schema.names)
+
+
+def test_only_the_last_students_are_kept(tmp_path):
+    from pipeline.cascade import KEEP_STUDENTS, _prune
+
+    for n in range(6):
+        (tmp_path / f"2026120{n}T000000-abcdef0{n}").mkdir()
+    (tmp_path / ".20261207T000000-partial").mkdir()  # one being written: not ours to remove
+    _prune(tmp_path, keep="20261201T000000-abcdef01")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len([p for p in left if not p.startswith(".")]) == KEEP_STUDENTS
+    assert "20261201T000000-abcdef01" in left and "20261205T000000-abcdef05" in left
+    assert ".20261207T000000-partial" in left

@@ -49,6 +49,7 @@ def run(
 @domain_errors
 def validate(job_file: str, rows: int, sets: tuple[str, ...], date: str | None) -> None:
     """Check a job without loading a model: inputs, labels, prompt, model, token counts."""
+    from pipeline.cascade import describe as describe_cascade
     from pipeline.config import load_job
     from pipeline.contracts import SCORE
     from pipeline.errors import BackendUnavailableError
@@ -79,6 +80,14 @@ def validate(job_file: str, rows: int, sets: tuple[str, ...], date: str | None) 
         echo(f"  {heading:7} {text}")
     echo(f"  prompt  {job.prompt} (fingerprint {plan.prompt.fingerprint})")
     echo(f"  model   {job.model} -> {plan.model} (backend {job.backend})")
+    if job.cascade is not None:
+        echo(f"  cascade {describe_cascade(plan)}")
+    if job.escalate is not None:
+        esc = job.escalate
+        rule = [f"confidence under {esc.confidence_below}"] if esc.confidence_below is not None else []
+        rule += [f"status {s}" for s in esc.statuses]
+        echo(f"  escalate {esc.model} -> {plan.escalation.model} (backend {esc.backend}) for rows with "
+             f"{' or '.join(rule)}")  # fmt: skip
     unused = [name for name in type(job.sections).model_fields if job.section(name) is not None]
     unused = [name for name in unused if name != plan.backend_class.section]
     if unused:
