@@ -147,7 +147,9 @@ def route_columns(
         "source": pa.array(source.tolist(), pa.string()),
         "student_confidence": pa.array(student_confidence, pa.float64(), mask=np.isnan(student_confidence)),
     }
-    if first is not None:
-        columns["first_label"] = first.column("label")
-        columns["first_confidence"] = first.column("confidence")
+    n = len(origin)
+    columns["first_label"] = first.column("label") if first is not None else pa.nulls(n, pa.string())
+    columns["first_confidence"] = (
+        first.column("confidence") if first is not None else pa.nulls(n, pa.float64())
+    )
     return pa.Table.from_arrays([columns[f.name] for f in fields], schema=pa.schema(fields))

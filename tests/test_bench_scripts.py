@@ -37,3 +37,12 @@ def test_retrieval_script(tmp_path):
     assert figures["labels"] > 10_000 and figures["rows"] == 500 and figures["median_rows_per_second"] > 0
     recall = figures["wands_recall_at_k"]
     assert 0 < recall["1"] <= recall["5"] <= recall["10"] <= recall["20"] <= 1
+
+
+def test_cascade_script():
+    out = _script("cascade.py", "--seeds", "1", "--cases", "oa-mine,unlearnable", "--json")
+    cases = json.loads(out)["cases"]
+    learnable, unlearnable = cases["oa-mine"], cases["unlearnable"]
+    assert learnable["median_share_to_model"] < 0.5 <= unlearnable["median_share_to_model"]
+    assert learnable["usd_ratio_with_to_without"] < 0.5
+    assert min(learnable["min_agreement_with_teacher"], unlearnable["min_agreement_with_teacher"]) >= 0.95
