@@ -323,3 +323,20 @@ def test_only_the_last_students_are_kept(tmp_path):
     assert len([p for p in left if not p.startswith(".")]) == KEEP_STUDENTS
     assert "20261201T000000-abcdef01" in left and "20261205T000000-abcdef05" in left
     assert ".20261207T000000-partial" in left
+
+
+def test_a_cascade_and_an_escalation_together(make_job, read_parts, tmp_path):
+    files = make_job(
+        input=str(OA_MINE), labels=LABELS, chunk_rows=500, cache={"path": str(tmp_path / "c")},
+        cascade={"sample_rows": 100},
+        escalate={"backend": "fake", "model": "bigger-fake", "confidence_below": 0.3},
+    )  # fmt: skip
+    summary = run_job(files.load())
+    out = pl.from_arrow(read_parts(files.output))
+    assert out.height == 1452 and summary["escalations"] > 0
+    up = out.filter(pl.col("source") == "escalated")
+    assert up.height == summary["rows_by_source"]["escalated"]
+    assert (up["first_confidence"] < 0.3).all() and up["first_label"].null_count() == 0
+    # a duplicate of an escalated text shares its answer, first answer included
+    rest = out.filter(~pl.col("source").is_in(["escalated", "duplicate"]))
+    assert rest["first_label"].null_count() == rest.height
