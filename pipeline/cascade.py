@@ -189,12 +189,15 @@ def train(
 
 
 def _labelled_sample(plan: Plan, pipeline: ChunkPipeline) -> tuple[pl.DataFrame, ChunkStats]:
-    """``sample_rows`` input rows drawn at random (seeded by the settings and the input, so a
-    resumed or repeated run draws the same), labelled by the model through the pipeline without
+    """``sample_rows`` input rows drawn at random (seeded by the settings and the input's content,
+    so a resumed or repeated run draws the same), labelled by the model through the pipeline without
     routing. Returns one row per distinct sampled text (its key, the text sent, the model's label,
     null where its answer was invalid) and what labelling the sample cost."""
     cfg = plan.job.cascade
-    rng = np.random.default_rng([cfg.seed, int(plan.manifest.components["input"], 16) % (1 << 32)])
+    # seeded by the input's content, not where it lies: the same export drawn from another folder
+    # (or a clone of the repository) gives the same sample
+    content = digest([{k: v for k, v in f.identity.items() if k != "path"} for f in plan.files])
+    rng = np.random.default_rng([cfg.seed, int(content, 16) % (1 << 32)])
     picked = np.sort(rng.choice(plan.rows, size=min(cfg.sample_rows, plan.rows), replace=False))
     table = _read_rows(plan, picked)
     chunk = Chunk(index=-1, file_index=0, start=0, rows=table.num_rows)
