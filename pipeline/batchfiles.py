@@ -50,9 +50,10 @@ from pipeline.contracts import STATUSES, Completion, Request, Status, answers_ta
 from pipeline.errors import ConfigError, InputFormatError, RunStateError
 from pipeline.flow import ChunkPipeline, Questions
 from pipeline.io import write_text_atomic
+from pipeline.labeller import labelled_chunks, open_store, pending_work
 from pipeline.plan import Plan, make_backend, now, plan_job, text_budget
 from pipeline.runfolder import ChunkMarker, Manifest, RunFolder
-from pipeline.runner import labelled_chunks, open_store, pending_work, run_plan
+from pipeline.runner import run_plan
 
 log = logs.get("batch")
 

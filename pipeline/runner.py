@@ -15,9 +15,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -30,10 +28,17 @@ from pipeline.backends.base import Backend
 from pipeline.cache import ResultCache
 from pipeline.cascade import cascade_summary, choose_router, run_record
 from pipeline.config import JobConfig
-from pipeline.contracts import STATUSES, Status
-from pipeline.errors import RunStateError
+from pipeline.contracts import Status
 from pipeline.flow import AnswerSource, AnswerStore, BackendSource, ChunkPipeline
-from pipeline.io import Chunk, ChunkReader
+from pipeline.labeller import (
+    WorkItem,
+    check_store,
+    commit_chunk,
+    labelled_chunks,
+    open_escalation,
+    open_store,
+    pending_work,
+)
 from pipeline.plan import (
     Plan,
     cache_root,
@@ -45,93 +50,10 @@ from pipeline.plan import (
     text_budget,
 )
 from pipeline.routing import Escalation
-from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, part_width, status_totals
+from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, status_totals
 from pipeline.strategies import make_strategy
 
 log = logs.get("run")
-
-
-@dataclass
-class WorkItem:
-    chunk: Chunk
-    earlier: ChunkMarker | None = None
-    """The chunk's marker when it is finished and only its failed rows are asked again."""
-
-
-def pending_work(
-    plan: Plan, folder: RunFolder, *, clean: bool = False
-) -> tuple[list[WorkItem], dict[int, ChunkMarker]]:
-    """The chunks that need work, in order, and the finished ones this run can trust (see
-    ``RunFolder.verify``; with ``clean``, under the folder's lock, what it can't trust is removed).
-    A folder that holds another job's run (or none) has nothing finished for this plan."""
-    manifest = folder.manifest() if folder.manifest_path.exists() else None
-    finished: dict[int, ChunkMarker] = {}
-    if manifest is not None and manifest.fingerprint == plan.manifest.fingerprint:
-        folder.width = part_width(plan.manifest.chunks)
-        rows = {c.index: c.rows for c in plan.chunks}
-        finished, problems = folder.verify(plan.manifest.fingerprint, rows, clean=clean)
-        for problem in problems:
-            log.warning(
-                "%s; it is labelled again", problem,
-                extra=logs.fields("chunk_distrusted", problem=problem),
-            )  # fmt: skip
-    work = []
-    for chunk in plan.chunks:
-        marker = finished.get(chunk.index)
-        if marker is None:
-            work.append(WorkItem(chunk))
-        elif marker.count(Status.ERROR):
-            work.append(WorkItem(chunk, marker))
-    return work, finished
-
-
-def previous_output(folder: RunFolder, item: WorkItem) -> pa.Table | None:
-    """A finished chunk's output, when only its failed rows are asked again."""
-    if item.earlier is None:
-        return None
-    path = folder.part_path(item.chunk.index)
-    try:
-        return pq.read_table(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise RunStateError(
-            f"{path} became unreadable during the run: {exc}", hint="rerun the same command"
-        ) from None
-
-
-def check_store(store: AnswerStore | None, finished: dict[int, ChunkMarker], work: list[WorkItem]) -> None:
-    """Refuse to go on when the answer store the finished chunks shared their answers through is
-    gone (cleared, moved or replaced): the chunks still to do could give a text another answer
-    than the finished ones gave it."""
-    current = getattr(store, "store_id", None)
-    if current is None or not work:
-        return
-    used = {m.store for m in finished.values() if m.store is not None}
-    if used and used != {current}:
-        raise RunStateError(
-            f"the answers this run's {len(finished)} finished chunk(s) shared are gone from "
-            f"{getattr(store, 'folder', 'the answer store')} (it was cleared or replaced since): "
-            "the chunks still to do could label a text differently from the finished ones",
-            hint="rerun with --restart to label every row again with one store, or give the job "
-            "a new output: folder",
-        )
-
-
-def open_store(plan: Plan, folder: RunFolder) -> ResultCache | None:
-    """Where answers are shared: the result cache; with it off, the run's own store in its folder,
-    so each distinct text is still asked once per run. With ``dedupe`` off, rows share nothing
-    within a run: every row is sent, and the cache only offers earlier runs' answers."""
-    job = plan.job
-    if job.cache.enabled:
-        about = {
-            "task": job.task,
-            "model": job.model,
-            "backend": job.backend,
-            "prompt": job.prompt,
-            "first_job_output": job.output,
-            "created_at": now(),
-        }
-        return ResultCache(cache_root(job), plan.namespace, within_run=job.dedupe.enabled, about=about)
-    return ResultCache(folder.answers, plan.namespace) if job.dedupe.enabled else None
 
 
 def run_job(
@@ -225,14 +147,15 @@ def run_plan(
                 bar = stack.enter_context(_Progress(plan.rows, done_rows, bool(progress), backend, given))
                 strategy = make_strategy(plan, store)
                 answers = source or BackendSource(backend, bar.within if bar.enabled else None, strategy)
-                escalation = _escalation(plan, strategy, stack) if plan.escalation is not None else None
+                escalation = open_escalation(plan, strategy, stack) if plan.escalation is not None else None
                 pipeline = ChunkPipeline(plan, backend, budget, store, answers, escalation)
                 if job.cascade is not None:
                     pipeline.router, routed_by = choose_router(plan, pipeline, store, folder)
                 totals = status_totals(finished.values())
                 store_id = getattr(store, "store_id", None)
                 for item, out, stats, seconds in labelled_chunks(pipeline, folder, work, bar.begin):
-                    rows_now += _commit(plan, folder, item, out, stats, seconds, totals, store_id)
+                    marker = commit_chunk(plan, folder, item, out, stats, seconds, store_id)
+                    rows_now += _log_chunk(plan, item, marker, stats, seconds, totals)
                     labelling += seconds
                     bar.update(item.chunk.rows if item.earlier is None else 0, totals)
                 if own_store and store is not None and job.cache.enabled:
@@ -305,36 +228,11 @@ def _route_summary(plan: Plan, folder: RunFolder, summary: dict, routed_by: dict
         }
 
 
-def labelled_chunks(
-    pipeline: ChunkPipeline,
-    folder: RunFolder,
-    work: list[WorkItem],
-    starting: Callable[[WorkItem], None] | None = None,
-) -> Iterator[tuple[WorkItem, pa.Table | None, ChunkStats, float]]:
-    """Each chunk of ``work`` through the pipeline, in order: the item, its output table (None when
-    the answer source answers later), where its answers came from, and its labelling seconds.
-    ``starting`` is told of each item as its work begins."""
-    plan, backend = pipeline.plan, pipeline.backend
-    reader = ChunkReader(plan.read_columns)  # across chunks: each row group is decoded once
-    for item in work:
-        if starting is not None:
-            starting(item)
-        t0, started_before = time.perf_counter(), backend.start_seconds
-        table = reader.read(plan.files[item.chunk.file_index], item.chunk)
-        out, stats = pipeline.label(table, item.chunk, previous_output(folder, item))
-        # a model load during this chunk is start-up, not labelling
-        yield item, out, stats, time.perf_counter() - t0 - (backend.start_seconds - started_before)
-
-
-def _commit(
-    plan, folder, item: WorkItem, out, stats: ChunkStats, seconds: float, totals: dict[str, int],
-    store_id: str | None,
-) -> int:  # fmt: skip
-    """Write a labelled chunk's part and marker, and log it; returns the rows it labelled."""
+def _log_chunk(
+    plan: Plan, item: WorkItem, marker: ChunkMarker, stats: ChunkStats, seconds: float, totals: dict[str, int]
+) -> int:
+    """Add a committed chunk to the totals and log it; returns the rows it labelled."""
     chunk, earlier = item.chunk, item.earlier
-    marker = chunk_marker(plan, chunk, out, seconds, stats, earlier)
-    marker.store = store_id
-    folder.commit(out, marker)
     for k, v in marker.status_counts.items():
         totals[k] = totals.get(k, 0) - (earlier.count(k) if earlier else 0) + v
     rows = chunk.rows if earlier is None else earlier.count(Status.ERROR)
@@ -343,7 +241,8 @@ def _commit(
         chunk.index + 1, len(plan.chunks), rows, seconds, stats.model_calls, stats.cache_hits,
         stats.duplicates, f", {stats.retries} retries" if stats.retries else "",
         extra=logs.fields("chunk_done", chunk=chunk.index, rows=rows, seconds=round(seconds, 3),
-                          status_counts=marker.status_counts, **stats.stats()),
+                          status_counts=marker.status_counts,
+                          **stats.stats()),
     )  # fmt: skip
     if stats.retries:
         log.warning(
@@ -351,28 +250,6 @@ def _commit(
             extra=logs.fields("retries", chunk=chunk.index, retries=stats.retries),
         )  # fmt: skip
     return rows
-
-
-def chunk_marker(
-    plan: Plan, chunk: Chunk, out: pa.Table, seconds: float, stats: ChunkStats, earlier: ChunkMarker | None
-) -> ChunkMarker:
-    counts = {c["values"].as_py(): c["counts"].as_py() for c in pc.value_counts(out.column("status"))}
-    # A retried chunk adds to what its first pass cost, so the totals stay honest.
-    added = {
-        name: (getattr(earlier, name) if earlier else 0) + value for name, value in stats.stats().items()
-    }
-    return ChunkMarker(
-        chunk=chunk.index,
-        file=str(plan.files[chunk.file_index].path),
-        start=chunk.start,
-        rows=chunk.rows,
-        part=f"parts/part-{chunk.index:0{part_width(len(plan.chunks))}d}.parquet",
-        status_counts={s: counts.get(s, 0) for s in STATUSES},
-        seconds=round((earlier.seconds if earlier else 0.0) + seconds, 3),
-        finished_at=now(),
-        fingerprint=plan.manifest.fingerprint,
-        **added,
-    )
 
 
 def _log_summary(s: dict) -> None:

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conftest import REPO_ROOT, write_table
 from doubles import RecordingFake
 
+import pipeline.labeller
 import pipeline.runner
 from pipeline.cli import main
 from pipeline.errors import DuplicateIdError, InputFormatError, InputNotFoundError, JobChangedError
@@ -335,7 +336,7 @@ def test_a_run_decodes_a_one_row_group_file_once(make_job, read_parts, tmp_path,
     data = _keywords(600)
     one = make_job(input=write_table(tmp_path / "one.parquet", data), chunk_rows=64)
     many = make_job(input=write_table(tmp_path / "many.parquet", data, row_group_size=50), chunk_rows=64)
-    monkeypatch.setattr(pipeline.runner, "ChunkReader", _CountingReader)
+    monkeypatch.setattr(pipeline.labeller, "ChunkReader", _CountingReader)
     _CountingReader.made = []
     run_job(one.load())
     assert [r.decoded for r in _CountingReader.made] == [1]  # one reader for the run's 10 chunks
