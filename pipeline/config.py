@@ -151,6 +151,22 @@ class EscalateConfig(Options):
         return data
 
 
+class RayConfig(Options):
+    """Where and how wide ``executor: ray`` runs (``pipeline/executors/ray.py``)."""
+
+    address: str | None = None
+    """The cluster to join: ``auto`` (the one this machine belongs to), ``127.0.0.1:6379``, or
+    ``ray://head:10001``. None: start a Ray instance on this machine for the run."""
+    engines: int = Field(default=1, ge=1)
+    """Engine actors: each loads the backend once and labels the chunks it is given."""
+    gpus_per_engine: float = Field(default=0.0, ge=0)
+    """GPUs each engine actor reserves (1 for one vLLM engine per GPU; 0 on CPU machines)."""
+    cpus_per_engine: float = Field(default=1.0, gt=0)
+    """CPUs each engine actor reserves for its host-side work (read, normalise, parse, write)."""
+    chunk_attempts: int = Field(default=3, ge=1)
+    """Times a chunk is tried when the actor labelling it dies, before the run stops."""
+
+
 class JobConfig(Options):
     """One labelling job: which rows, which task, which prompt, which model."""
 
@@ -192,6 +208,11 @@ class JobConfig(Options):
     sampling: Sampling = Field(default_factory=Sampling)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    executor: Literal["local", "ray"] = "local"
+    """Where chunks are labelled: ``local`` (this process) or ``ray`` (engine actors on a Ray
+    cluster, settings in ``ray:``). The output is the same either way; it is not part of the job's
+    identity, so a run may be resumed on the other."""
+    ray: RayConfig = Field(default_factory=RayConfig)
     cascade: CascadeConfig | None = None
     """A student answers the rows it is sure of, the model the rest (classify, one label)."""
     escalate: EscalateConfig | None = None
@@ -287,6 +308,9 @@ class JobConfig(Options):
         for key in ("cascade", "escalate"):
             if data.get(key) is None:
                 data.pop(key, None)  # job files written before these keys keep their form
+        if self.executor == "local" and self.ray == RayConfig():
+            data.pop("executor", None)
+            data.pop("ray", None)
         data.update(self.task_settings.model_dump(mode="json"))
         data.update({k: v for k, v in self.sections.model_dump(mode="json").items() if v is not None})
         return data

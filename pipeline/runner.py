@@ -29,6 +29,7 @@ from pipeline.cache import ResultCache
 from pipeline.cascade import cascade_summary, choose_router, run_record
 from pipeline.config import JobConfig
 from pipeline.contracts import Status
+from pipeline.errors import ConfigError
 from pipeline.flow import AnswerSource, AnswerStore, BackendSource, ChunkPipeline
 from pipeline.labeller import (
     WorkItem,
@@ -90,6 +91,7 @@ def run_plan(
     started = time.perf_counter()
     job = plan.job
     folder = RunFolder(job.output)
+    handed_backend = backend is not None
     with folder.lock(), ExitStack() as closing:
         if backend is None:
             backend = closing.enter_context(make_backend(plan))
@@ -124,7 +126,15 @@ def run_plan(
         rows_now = 0
         cache_stats = None
         routed_by = None
-        if work:
+        if work and job.executor == "ray" and source is None:
+            if store is not None or handed_backend:
+                raise ConfigError(
+                    "executor: ray builds the backend and the answer store on each engine actor; "
+                    "one handed to run_job lives in this process",
+                    hint="leave backend= and store= out, or run with executor: local",
+                )
+            rows_now, labelling, routed_by = _run_on_ray(plan, budget, work, finished, done_rows, progress)
+        elif work:
             with ExitStack() as stack:
                 if source is None and not job.cache.enabled:
                     backend.start()  # no earlier run's answers to use: fail early if it can't start
@@ -197,6 +207,39 @@ def _escalation(plan: Plan, strategy, stack: ExitStack) -> Escalation:
         stack.callback(store.close)
     rule = job.escalate
     return Escalation(backend, esc.task, esc.request, strategy, store, rule.confidence_below, rule.statuses)
+
+
+def _run_on_ray(
+    plan: Plan, budget: int | None, work: list[WorkItem], finished: dict, done_rows: int, progress
+) -> tuple[int, float, dict | None]:
+    """``work`` labelled by engine actors on a Ray cluster (``pipeline/executors/ray.py``); returns
+    the rows labelled, the wall seconds it took (the actors label in parallel) and what the
+    cascade routed with."""
+    from types import SimpleNamespace
+
+    from pipeline.executors.ray import run_chunks
+
+    job = plan.job
+    totals = status_totals(finished.values())
+    rows = 0
+    given = None if isinstance(progress, bool) else progress
+    started = time.perf_counter()
+
+    def check(store_id: str | None) -> None:
+        if job.cache.enabled:
+            check_store(SimpleNamespace(store_id=store_id), finished, work)
+
+    with _Progress(plan.rows, done_rows, bool(progress), None, given) as bar:
+
+        def done(item: WorkItem, chunk) -> None:
+            nonlocal rows
+            rows += _log_chunk(plan, item, chunk.marker, chunk.stats, chunk.seconds, totals)
+            bar.update(item.chunk.rows if item.earlier is None else 0, totals)
+
+        routed_by = run_chunks(
+            job, plan.manifest.fingerprint, budget, work, done, job.cascade is not None, check
+        )  # fmt: skip
+    return rows, time.perf_counter() - started, routed_by
 
 
 def _route_summary(plan: Plan, folder: RunFolder, summary: dict, routed_by: dict | None) -> None:

@@ -20,6 +20,12 @@ def _raise_interrupt(signum, frame) -> None:
 @click.option("--restart", is_flag=True, help="Delete this run folder's finished parts and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where chunks are labelled [default: the job's executor:, local].",
+)
+@click.option(
     "--no-cache",
     is_flag=True,
     help="Neither read nor write the shared result cache; the run still asks each distinct text once.",
@@ -27,7 +33,13 @@ def _raise_interrupt(signum, frame) -> None:
 @job_options
 @domain_errors
 def run(
-    job_file: str, restart: bool, quiet: bool, no_cache: bool, sets: tuple[str, ...], date: str | None
+    job_file: str,
+    restart: bool,
+    quiet: bool,
+    executor: str | None,
+    no_cache: bool,
+    sets: tuple[str, ...],
+    date: str | None,
 ) -> None:
     """Run a job; rerunning the same command resumes where it stopped."""
     from pipeline.config import load_job
@@ -38,6 +50,8 @@ def run(
     job = load_job(job_file, sets=sets, date=date)
     if no_cache:
         job = job.model_copy(update={"cache": job.cache.model_copy(update={"enabled": False})})
+    if executor is not None:
+        job = job.model_copy(update={"executor": executor})
     progress = not quiet and not json_logs() and sys.stderr.isatty()
     finish(run_job(job, restart=restart, progress=progress))
 
