@@ -26,7 +26,8 @@ and adaptive sampling, which needs the LLM in the loop while the threshold is ch
 labelled through the normal pipeline keeps the LLM's answers in the cache for everything else).
 The grid is fixed (0.995 down to 0 in steps of 0.005); the sequence starts at the strictest grid
 threshold that accepts at least ``min_accepted(target, delta)`` held-out texts, the fewest with which
-even perfect agreement could clear the bound (59 for 0.95 and 0.05). The bound is on agreement per
+even perfect agreement could clear the bound (59 for 0.95 and 0.05), and at least 30: a first test
+on a handful of texts would end the sequence on one disagreement. The bound is on agreement per
 distinct text drawn at random from the input the sample came from; a later night whose input differs
 is covered only as far as it resembles that one, hence the retraining rule in the cascade.
 """
@@ -51,6 +52,9 @@ STUDENT_FILE = "student.joblib"
 _INSTALL = "pip install 'labelmill[cascade]' (scikit-learn, sentence-transformers)"
 _MAX_WEIGHTS = 25_000_000
 """Most weights (features x labels) a tfidf student keeps."""
+FIRST_TEST = 30
+"""Held-out texts the first threshold in the sequence accepts, at least (or ``min_accepted``
+where that is more)."""
 GRID = np.round(np.arange(199, -1, -1) * 0.005, 3)
 """Candidate thresholds, strictest first; fixed before any data is seen (see the module's text)."""
 
@@ -114,10 +118,14 @@ def choose_threshold(confidence: np.ndarray, agree: np.ndarray, target: float, d
             f"agreement {target} at delta {delta}"
         )
         return chosen
+    # a first test on a handful of texts fails on one disagreement and ends the sequence: it
+    # starts where at least FIRST_TEST texts are accepted (or all there are), which depends on the
+    # confidences only, never on agreement
+    start = max(need, min(FIRST_TEST, held_out))
     for t in GRID:
         accepted = confidence >= t
         n = int(accepted.sum())
-        if n < need:
+        if n < start:
             continue  # too few texts to test: the sequence starts further down
         agreed = int(agree[accepted].sum())
         bound = clopper_pearson_lower(agreed, n, delta)

@@ -5,6 +5,7 @@ Nothing here loads vLLM or torch: every job uses ``backend: fake`` and ``model: 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,3 +224,49 @@ def minilm() -> Path:
                 pytest.skip(f"all-minilm-l6-v2 is not fetched and could not be ({exc.message}); run: "
                             "labelmill models fetch all-minilm-l6-v2")  # fmt: skip
     return MINILM
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A Ray cluster as a user's would be, on 127.0.0.1: a head and a worker node started with
+    ``ray start`` (2 CPUs each, no GPU); yields the address to join."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'labelmill[ray]')")
+    import socket
+    import subprocess
+    import sys
+
+    def _free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    RAY = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    # a loopback test cluster: no token (a token file left in ~/.ray by another cluster would
+    # otherwise switch the head to token authentication and keep the worker node out)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
+    os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    env = dict(os.environ)
+    common = ["--num-cpus", "2", "--num-gpus", "0", "--disable-usage-stats"]
+    subprocess.run(
+        [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--include-dashboard", "false", "--temp-dir", str(temp), *common],
+        check=True, capture_output=True, env=env, timeout=180,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        subprocess.run(
+            [RAY, "start", "--address", address, "--node-ip-address", "127.0.0.1", *common],
+            check=True, capture_output=True, env=env, timeout=180,
+        )  # fmt: skip
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

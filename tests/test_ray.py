@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,48 +30,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'labe
 from pipeline.config import load_job  # noqa: E402
 from pipeline.runner import run_job  # noqa: E402
 
-RAY = str(Path(sys.executable).with_name("ray"))
 LABELS = ["Coffee", "Tea", "Vitamin", "Shoes", "Sunscreen"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A head and a worker node on 127.0.0.1 (2 CPUs each); yields the address to join."""
-    port = _free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    # a loopback test cluster: no token (a token file left in ~/.ray by another cluster would
-    # otherwise switch the head to token authentication and keep the worker node out)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
-    os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-    env = dict(os.environ)
-    common = ["--num-cpus", "2", "--num-gpus", "0", "--disable-usage-stats"]
-    subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--include-dashboard", "false", "--temp-dir", str(temp), *common],
-        check=True, capture_output=True, env=env, timeout=180,
-    )  # fmt: skip
-    address = f"127.0.0.1:{port}"
-    try:
-        subprocess.run(
-            [RAY, "start", "--address", address, "--node-ip-address", "127.0.0.1", *common],
-            check=True, capture_output=True, env=env, timeout=180,
-        )  # fmt: skip
-        yield address
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _job(tmp: Path, name: str, data: Path, address: str | None, **extra) -> Path:
@@ -106,9 +64,9 @@ def million(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_million_rows_on_the_cluster_equal_the_local_run(cluster, million, tmp_path):
+def test_a_million_rows_on_the_cluster_equal_the_local_run(ray_cluster, million, tmp_path):
     local = run_job(load_job(_job(tmp_path, "local", million, None)))
-    remote = run_job(load_job(_job(tmp_path, "ray", million, cluster)))
+    remote = run_job(load_job(_job(tmp_path, "ray", million, ray_cluster)))
     assert remote["complete"] and remote["rows_done"] == local["rows_done"] == 1_000_000
     a, b = _read(tmp_path / "local"), _read(tmp_path / "ray")
     assert a.equals(b)
@@ -117,10 +75,10 @@ def test_a_million_rows_on_the_cluster_equal_the_local_run(cluster, million, tmp
     assert len(nodes) == 2
 
 
-def test_an_actor_killed_mid_run_costs_its_chunk_a_second_try(cluster, tmp_path):
+def test_an_actor_killed_mid_run_costs_its_chunk_a_second_try(ray_cluster, tmp_path):
     data = tmp_path / "in.parquet"
     pl.DataFrame({"id": range(2000), "title": [f"product {i}" for i in range(2000)]}).write_parquet(data)
-    job = _job(tmp_path, "killed", data, cluster, chunk_rows=100, fake={"seconds_per_row": 0.002})
+    job = _job(tmp_path, "killed", data, ray_cluster, chunk_rows=100, fake={"seconds_per_row": 0.002})
     done = tmp_path / "killed" / "done"
 
     def kill_one_worker():
@@ -145,10 +103,10 @@ def test_an_actor_killed_mid_run_costs_its_chunk_a_second_try(cluster, tmp_path)
     assert (out["status"] == "ok").all()
 
 
-def test_the_driver_killed_then_the_run_resumes(cluster, tmp_path):
+def test_the_driver_killed_then_the_run_resumes(ray_cluster, tmp_path):
     data = tmp_path / "in.parquet"
     pl.DataFrame({"id": range(3000), "title": [f"product {i}" for i in range(3000)]}).write_parquet(data)
-    job = _job(tmp_path, "driver", data, cluster, chunk_rows=100, fake={"seconds_per_row": 0.003})
+    job = _job(tmp_path, "driver", data, ray_cluster, chunk_rows=100, fake={"seconds_per_row": 0.003})
     done = tmp_path / "driver" / "done"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet"], cwd=REPO_ROOT,

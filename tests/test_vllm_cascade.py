@@ -1,8 +1,9 @@
 """A cascade on the real vLLM engine (CPU build, SmolLM2-135M): killed with SIGKILL mid-run and
 resumed, it routes every row as an uninterrupted run does and gives the same labels.
 
-The student learns SmolLM2's own labels, which are noisy, so the target is set low here
-(agreement 0.5 at delta 0.3): what is checked is that routing survives a kill, not the model.
+The student learns SmolLM2's own labels, which are noisy, so the label set is small and the
+target low here (three labels, agreement 0.5 at delta 0.3): what is checked is that routing
+survives a kill, not the model.
 
 Skipped when vLLM or the checkpoint is missing (see ``engine_env``).
 """
@@ -26,8 +27,7 @@ from pipeline.runner import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data" / "oa_mine_products.parquet"
-LABELS = ["Coffee", "Tea", "Vitamin", "Safety Mask", "Toothbrush", "Breakfast Cereal", "Sunscreen",
-          "Laundry Detergent", "Shoes", "Conditioner"]  # fmt: skip
+LABELS = ["Coffee", "Tea", "Shoes"]
 ROWS, CHUNK_ROWS = 180, 20
 
 pytestmark = needs_engine
@@ -40,7 +40,7 @@ def _job(tmp: Path, name: str, data: Path) -> Path:
         "model": str(CHECKPOINT), "backend": "vllm", "engine": ENGINE, "chunk_rows": CHUNK_ROWS,
         "cache": {"path": str(tmp / f"cache-{name}")},
         "cascade": {
-            "target_agreement": 0.5, "delta": 0.3, "sample_rows": 80, "holdout": 0.4, "retrain_growth": 0
+            "target_agreement": 0.5, "delta": 0.3, "sample_rows": 80, "holdout": 0.5, "retrain_growth": 0
         },
     }  # fmt: skip
     path = tmp / f"{name}.yaml"
