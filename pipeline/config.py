@@ -123,15 +123,7 @@ class EscalateConfig(Options):
     @field_validator("sections", mode="before")
     @classmethod
     def _sections(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, Options):
-            return value
-        value = dict(value or {})
-        backend = info.data.get("backend")
-        if backend is not None:
-            section = plugins.backend_class(backend).section
-            if section is not None:
-                value.setdefault(section, {})
-        return _sections_model().model_validate(value)
+        return backend_sections(value, info.data.get("backend"))
 
     @model_validator(mode="after")
     def _some_rule(self) -> EscalateConfig:
@@ -266,15 +258,7 @@ class JobConfig(Options):
     @field_validator("sections", mode="before")
     @classmethod
     def _sections(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, Options):
-            return value
-        value = dict(value or {})
-        backend = info.data.get("backend")
-        if backend is not None:
-            section = plugins.backend_class(backend).section
-            if section is not None:
-                value.setdefault(section, {})  # the chosen backend's defaults (or its missing keys)
-        return _sections_model().model_validate(value)
+        return backend_sections(value, info.data.get("backend"))
 
     @model_validator(mode="after")
     def _one_text_source(self) -> JobConfig:
@@ -451,6 +435,19 @@ def _section_owners() -> dict[str, type]:
         if cls.section:
             owners[cls.section] = cls
     return owners
+
+
+def backend_sections(value: Any, backend: str | None) -> Options:
+    """A mapping of backend sections validated by their owners, with the chosen backend's own
+    section filled with its defaults (or its missing keys) where the file has none."""
+    if isinstance(value, Options):
+        return value
+    value = dict(value or {})
+    if backend is not None:
+        section = plugins.backend_class(backend).section
+        if section is not None:
+            value.setdefault(section, {})
+    return _sections_model().model_validate(value)
 
 
 def _sections_model() -> type[Options]:

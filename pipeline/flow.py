@@ -34,7 +34,7 @@ from pipeline.errors import BackendError
 from pipeline.io import Chunk, InputFile
 from pipeline.plan import Plan
 from pipeline.prompts import RenderedPrompt
-from pipeline.routing import Escalation, Router, route_columns
+from pipeline.routing import Escalation, Router, lookup, route_columns
 from pipeline.runfolder import ChunkStats
 from pipeline.strategies import Flat, Strategy
 from pipeline.tasks.base import RowResult
@@ -186,13 +186,7 @@ class ChunkPipeline:
         # A group's key is its normalised text. Each key is asked once per store: the first spelling
         # met is sent, and every spelling of the key, in any chunk, gets its answer.
         sent, keys = texts.gather(first), keys.gather(first)
-        if self.store is not None:
-            hits, stored = self.store.lookup(keys)
-        else:
-            hits, stored = np.empty(0, dtype=np.int64), ANSWER_SCHEMA.empty_table()
-        missing = np.ones(len(sent), dtype=bool)
-        missing[hits] = False
-        ask = np.flatnonzero(missing)
+        hits, stored, ask = lookup(self.store, keys)
         routes = Routes(np.full(len(sent), Source.CACHE.value, dtype=object), np.full(len(sent), np.nan))
         taught, taught_answers = np.empty(0, dtype=np.int64), ANSWER_SCHEMA.empty_table()
         if self.router is not None and len(ask):

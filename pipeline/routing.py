@@ -74,6 +74,18 @@ def student_answers(labels: np.ndarray, confidence: np.ndarray) -> pa.Table:
     )
 
 
+def lookup(store, keys: pl.Series) -> tuple[np.ndarray, pa.Table, np.ndarray]:
+    """What an answer store (or None) holds for ``keys``: the positions it answers, their answers
+    in that order, and the positions still to ask."""
+    if store is not None:
+        hits, stored = store.lookup(keys)
+    else:
+        hits, stored = np.empty(0, dtype=np.int64), ANSWER_SCHEMA.empty_table()
+    missing = np.ones(len(keys), dtype=bool)
+    missing[hits] = False
+    return hits, stored, np.flatnonzero(missing)
+
+
 class Escalation:
     """The second backend of ``escalate:``, asked through the job's strategy and its own answer
     store, for the answers the rule picks."""
@@ -113,13 +125,7 @@ class Escalation:
     def answer(self, prompt: RenderedPrompt, keys: pl.Series, texts: pl.Series) -> tuple[pa.Table, int]:
         """Answers for ``texts`` (``ANSWER_SCHEMA``, in order) and how many were asked now (the
         rest came from the escalation's store)."""
-        if self.store is not None:
-            hits, stored = self.store.lookup(keys)
-        else:
-            hits, stored = np.empty(0, dtype=np.int64), ANSWER_SCHEMA.empty_table()
-        missing = np.ones(len(texts), dtype=bool)
-        missing[hits] = False
-        ask = np.flatnonzero(missing)
+        hits, stored, ask = lookup(self.store, keys)
         fresh = ANSWER_SCHEMA.empty_table()
         if len(ask):
             fresh = self.strategy.answer(self.backend, prompt, texts.gather(ask), self.request)

@@ -25,7 +25,6 @@ import yaml
 
 from pipeline import logs
 from pipeline.backends.base import Backend
-from pipeline.cache import ResultCache
 from pipeline.cascade import cascade_summary, choose_router, run_record
 from pipeline.config import JobConfig
 from pipeline.contracts import Status
@@ -42,15 +41,11 @@ from pipeline.labeller import (
 )
 from pipeline.plan import (
     Plan,
-    cache_root,
     check_backend,
     make_backend,
-    make_escalation_backend,
-    now,
     plan_job,
     text_budget,
 )
-from pipeline.routing import Escalation
 from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, status_totals
 from pipeline.strategies import make_strategy
 
@@ -190,23 +185,6 @@ def run_plan(
         folder.write_summary(summary)
     _log_summary(summary)
     return summary
-
-
-def _escalation(plan: Plan, strategy, stack: ExitStack) -> Escalation:
-    """The ``escalate:`` backend (started on the first row that goes to it) with its own answer
-    store, so a row asked again tomorrow costs nothing."""
-    esc, job = plan.escalation, plan.job
-    backend = stack.enter_context(make_escalation_backend(plan))
-    store = None
-    if job.cache.enabled:
-        store = ResultCache(
-            cache_root(job), esc.namespace, within_run=job.dedupe.enabled,
-            about={"task": job.task, "model": job.escalate.model, "backend": job.escalate.backend,
-                   "prompt": job.prompt, "escalation_of": job.model, "created_at": now()},
-        )  # fmt: skip
-        stack.callback(store.close)
-    rule = job.escalate
-    return Escalation(backend, esc.task, esc.request, strategy, store, rule.confidence_below, rule.statuses)
 
 
 def _run_on_ray(
