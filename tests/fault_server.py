@@ -34,7 +34,9 @@ import json
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from loopback import LoopbackServer
 
 MARKERS = ("RATE", "FLAKY", "HANG", "DROP", "GARBLED", "OUTSIDE", "DOWN", "REFUSE")
 
@@ -64,9 +66,7 @@ def temperature_refused(value: float) -> dict:
     }
 
 
-class FaultServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class FaultServer(LoopbackServer):
     def __init__(
         self,
         key: str,
@@ -77,7 +77,7 @@ class FaultServer(ThreadingHTTPServer):
         reasoning_tokens: int = 300,
         reject_all: str | None = None,
     ) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.key = key
         self.hang_s = hang_s
         self.burst_429 = burst_429
@@ -89,19 +89,6 @@ class FaultServer(ThreadingHTTPServer):
         self.requests = 0
         self.seen_bodies: list[dict] = []
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def __enter__(self) -> FaultServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        self.server_close()
 
     def attempts_for(self, row_text: str) -> int:
         """Requests whose user message ends with ``row_text`` (the template puts the row last)."""

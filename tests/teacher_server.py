@@ -23,15 +23,15 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from loopback import LoopbackServer
 
 DEFAULT_CONFIDENCE = 0.99
 
 
-class TeacherServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class TeacherServer(LoopbackServer):
     def __init__(
         self,
         answers: Mapping[str, str],
@@ -44,7 +44,7 @@ class TeacherServer(ThreadingHTTPServer):
         for value in confidence.values() if isinstance(confidence, Mapping) else [confidence]:
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"a confidence is a probability in (0, 1], not {value!r}")
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.answers = dict(answers)
         self.key = key
         self.confidence = dict(confidence) if isinstance(confidence, Mapping) else confidence
@@ -61,19 +61,6 @@ class TeacherServer(ThreadingHTTPServer):
             self._by_tail.setdefault(text.rstrip(), text)
         self._lengths = sorted({len(t) for t in self._by_tail if t}, reverse=True)
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def __enter__(self) -> TeacherServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        self.server_close()
 
     def asked_texts(self) -> set[str]:
         """Every text asked at least once (a message that matched no text: its whole content)."""
