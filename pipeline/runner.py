@@ -28,7 +28,7 @@ from pipeline.backends.base import Backend
 from pipeline.cascade import cascade_summary, choose_router, run_record
 from pipeline.config import JobConfig
 from pipeline.contracts import Status
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, MissingDependencyError
 from pipeline.flow import AnswerSource, AnswerStore, BackendSource, ChunkPipeline
 from pipeline.labeller import (
     WorkItem,
@@ -195,7 +195,15 @@ def _run_on_ray(
     cascade routed with."""
     from types import SimpleNamespace
 
-    from pipeline.executors.ray import run_chunks
+    try:
+        from pipeline.executors.ray import run_chunks
+    except ImportError as exc:
+        if exc.name != "ray" and not str(exc.name or "").startswith("ray."):
+            raise
+        raise MissingDependencyError(
+            "executor: ray needs Ray on this machine and on every node of the cluster",
+            hint="pip install 'labelmill[ray]', or run with --executor local",
+        ) from None
 
     job = plan.job
     totals = status_totals(finished.values())

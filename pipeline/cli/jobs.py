@@ -94,6 +94,11 @@ def validate(job_file: str, rows: int, sets: tuple[str, ...], date: str | None) 
         echo(f"  {heading:7} {text}")
     echo(f"  prompt  {job.prompt} (fingerprint {plan.prompt.fingerprint})")
     echo(f"  model   {job.model} -> {plan.model} (backend {job.backend})")
+    if job.executor == "ray":
+        r = job.ray
+        where = r.address or "a Ray instance started for the run"
+        echo(f"  executor ray: {r.engines} engine actor(s), {r.gpus_per_engine:g} GPU and "
+             f"{r.cpus_per_engine:g} CPU each, on {where}")  # fmt: skip
     if job.cascade is not None:
         echo(f"  cascade {describe_cascade(plan)}")
     if job.escalate is not None:
