@@ -114,7 +114,7 @@ def choose_router(
             }
     student_id, student, about = train(plan, pipeline, store, home)
     _write_record(plan, folder, student_id, about | {"chosen": "trained"})
-    return Router(student, about["threshold"]["value"], student_id), about | {
+    return _router(student, about, student_id), about | {
         "student_id": student_id,
         "chosen": "trained",
     }
@@ -204,8 +204,8 @@ def _labelled_sample(plan: Plan, pipeline: ChunkPipeline) -> tuple[pl.DataFrame,
     router, escalation = pipeline.router, pipeline.escalation
     pipeline.router = pipeline.escalation = None  # the student learns the model's own answers
     try:
-        out, stats = pipeline.label(table, chunk)
         pending = pipeline.prepare(table, chunk)
+        out, stats = pipeline.label_prepared(pending)
     finally:
         pipeline.router, pipeline.escalation = router, escalation
     dedupe = plan.job.dedupe
@@ -269,7 +269,7 @@ def _grown(entries: int, trained_on: int, share: float) -> bool:
     return share == 0 or entries > trained_on * (1 + share)
 
 
-def _router(student: Student, about: dict, student_id: str) -> Router:
+def _router(student: Student | None, about: dict, student_id: str | None) -> Router:
     return Router(student, about["threshold"]["value"], student_id)
 
 

@@ -114,11 +114,7 @@ class EscalateConfig(Options):
     @field_validator("backend")
     @classmethod
     def _registered(cls, value: str) -> str:
-        try:
-            plugins.backend_class(value)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
-        return value
+        return registered(plugins.backend_class, value)
 
     @field_validator("sections", mode="before")
     @classmethod
@@ -241,12 +237,7 @@ class JobConfig(Options):
     @field_validator("task", "backend")
     @classmethod
     def _registered(cls, value: str, info: ValidationInfo) -> str:
-        load = plugins.task_class if info.field_name == "task" else plugins.backend_class
-        try:
-            load(value)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
-        return value
+        return registered(plugins.task_class if info.field_name == "task" else plugins.backend_class, value)
 
     @field_validator("task_settings", mode="before")
     @classmethod
@@ -435,6 +426,16 @@ def _section_owners() -> dict[str, type]:
         if cls.section:
             owners[cls.section] = cls
     return owners
+
+
+def registered(load, name: str) -> str:
+    """``name`` when ``load`` (a plugin registry's lookup) finds it; the registry's reason as a
+    validation error when not."""
+    try:
+        load(name)
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None
+    return name
 
 
 def backend_sections(value: Any, backend: str | None) -> Options:

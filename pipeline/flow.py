@@ -34,7 +34,7 @@ from pipeline.errors import BackendError
 from pipeline.io import Chunk, InputFile
 from pipeline.plan import Plan
 from pipeline.prompts import RenderedPrompt
-from pipeline.routing import Escalation, Router, lookup, route_columns
+from pipeline.routing import Escalation, Router, in_order, lookup, route_columns
 from pipeline.runfolder import ChunkStats
 from pipeline.strategies import Flat, Strategy
 from pipeline.tasks.base import RowResult
@@ -174,7 +174,11 @@ class ChunkPipeline:
         """The chunk's output table (same rows, same order) and where its answers came from; the
         table is None when the source answers later. With ``previous`` (this chunk's earlier
         output), only its rows with status ``error`` are asked again."""
-        pending = self.prepare(table, chunk, previous)
+        return self.label_prepared(self.prepare(table, chunk, previous))
+
+    def label_prepared(self, pending: PendingChunk) -> tuple[pa.Table | None, ChunkStats]:
+        """``label`` for a chunk whose text is ready (``prepare``)."""
+        chunk = pending.chunk
         texts = pending.texts.gather(pending.todo)
         dedupe = self.plan.job.dedupe
         if dedupe.enabled:
@@ -219,11 +223,7 @@ class ChunkPipeline:
             fresh = answers
             if self.store is not None:
                 self.store.add(questions.keys, questions.texts, fresh)
-        order = np.empty(len(sent), dtype=np.int64)
-        order[hits] = np.arange(len(hits))
-        order[ask] = len(hits) + np.arange(len(ask))
-        order[taught] = len(hits) + len(ask) + np.arange(len(taught))
-        per_group = pa.concat_tables([stored, fresh, taught_answers]).take(pa.array(order))
+        per_group = in_order(len(sent), [(hits, stored), (ask, fresh), (taught, taught_answers)])
         stats.count_answers(fresh)
         if self.escalation is not None:
             per_group = self._escalate(per_group, routes, sent, keys, stats)
@@ -260,15 +260,14 @@ class ChunkPipeline:
         again, asked = escalation.answer(self.plan.prompt, keys.gather(where), sent.gather(where))
         stats.escalations += len(where)
         stats.escalation_calls += asked
-        index = np.arange(answers.num_rows)
-        index[where] = answers.num_rows + np.arange(len(where))
+        kept = np.flatnonzero(~picked)
         routes.origin[where] = Source.ESCALATED.value
         keep = pa.array(picked)
         routes.first = pa.Table.from_arrays(
             [pc.if_else(keep, first.column(c), nulls.column(c)) for c in ("label", "confidence")],
             names=["label", "confidence"],
         )
-        return pa.concat_tables([answers, again]).take(pa.array(index))
+        return in_order(answers.num_rows, [(kept, answers.take(pa.array(kept))), (where, again)])
 
     def prepare(self, table: pa.Table, chunk: Chunk, previous: pa.Table | None = None) -> PendingChunk:
         """Row text, empty rows, truncation."""

@@ -20,11 +20,12 @@ from pipeline import logs
 from pipeline.cache import ResultCache
 from pipeline.contracts import STATUSES, Status
 from pipeline.errors import RunStateError
-from pipeline.flow import AnswerStore, ChunkPipeline
+from pipeline.flow import AnswerStore, BackendSource, ChunkPipeline
 from pipeline.io import Chunk, ChunkReader
 from pipeline.plan import Plan, cache_root, make_escalation_backend, now
 from pipeline.routing import Escalation
 from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, part_width
+from pipeline.strategies import make_strategy
 
 log = logs.get("run")
 
@@ -127,6 +128,24 @@ def open_escalation(plan: Plan, strategy, stack: ExitStack) -> Escalation:
         stack.callback(store.close)
     rule = job.escalate
     return Escalation(backend, esc.task, esc.request, strategy, store, rule.confidence_below, rule.statuses)
+
+
+def chunk_pipeline(
+    plan: Plan,
+    backend,
+    budget: int | None,
+    store,
+    stack: ExitStack,
+    source=None,
+    progress: Callable[[float], None] | None = None,
+) -> ChunkPipeline:
+    """The job's chunk pipeline around ``backend``: its strategy, ``source`` (default: the backend,
+    asked through the strategy, telling ``progress``), and the escalation backend where the job has
+    one (closed with ``stack``). The runner builds it in its process, an engine actor in its own."""
+    strategy = make_strategy(plan, store)
+    answers = source or BackendSource(backend, progress, strategy)
+    escalation = open_escalation(plan, strategy, stack) if plan.escalation is not None else None
+    return ChunkPipeline(plan, backend, budget, store, answers, escalation)
 
 
 def labelled_chunks(

@@ -86,6 +86,17 @@ def lookup(store, keys: pl.Series) -> tuple[np.ndarray, pa.Table, np.ndarray]:
     return hits, stored, np.flatnonzero(missing)
 
 
+def in_order(n: int, parts: list[tuple[np.ndarray, pa.Table]]) -> pa.Table:
+    """``n`` answers put together from ``parts``: each a table of answers and the positions they
+    answer, in that order (positions of all parts together cover 0..n-1 once)."""
+    order = np.empty(n, dtype=np.int64)
+    offset = 0
+    for positions, _ in parts:
+        order[positions] = offset + np.arange(len(positions))
+        offset += len(positions)
+    return pa.concat_tables([table for _, table in parts]).take(pa.array(order))
+
+
 class Escalation:
     """The second backend of ``escalate:``, asked through the job's strategy and its own answer
     store, for the answers the rule picks."""
@@ -111,10 +122,10 @@ class Escalation:
         self.statuses = set(statuses)
 
     def picks(self, answers: pa.Table) -> tuple[np.ndarray, pa.Table]:
-        """Which answers go up (bool per answer), and the first backend's parsed results (the task's
-        ``label``, ``confidence`` and ``status`` columns) for all of them."""
+        """Which answers go up (bool per answer), and the first backend's ``label`` and
+        ``confidence`` (the task's parse of its answers) for all of them."""
         parsed = self.task.parse_answers(answers, pa.array(np.zeros(answers.num_rows, dtype=bool)))
-        status = np.asarray(parsed.column("status").to_pylist(), dtype=object)
+        status = parsed.column("status").to_numpy(zero_copy_only=False)
         picked = np.isin(status, list(self.statuses)) if self.statuses else np.zeros(len(status), dtype=bool)
         if self.confidence_below is not None:
             confidence = pc.fill_null(parsed.column("confidence"), math.inf).to_numpy(zero_copy_only=False)
@@ -131,10 +142,7 @@ class Escalation:
             fresh = self.strategy.answer(self.backend, prompt, texts.gather(ask), self.request)
             if self.store is not None:
                 self.store.add(keys.gather(ask), texts.gather(ask), fresh)
-        order = np.empty(len(texts), dtype=np.int64)
-        order[hits] = np.arange(len(hits))
-        order[ask] = len(hits) + np.arange(len(ask))
-        return pa.concat_tables([stored, fresh]).take(pa.array(order)), len(ask)
+        return in_order(len(texts), [(hits, stored), (ask, fresh)]), len(ask)
 
 
 def route_columns(

@@ -29,13 +29,13 @@ from pipeline.cascade import cascade_summary, choose_router, run_record
 from pipeline.config import JobConfig
 from pipeline.contracts import Status
 from pipeline.errors import ConfigError, MissingDependencyError
-from pipeline.flow import AnswerSource, AnswerStore, BackendSource, ChunkPipeline
+from pipeline.flow import AnswerSource, AnswerStore
 from pipeline.labeller import (
     WorkItem,
     check_store,
+    chunk_pipeline,
     commit_chunk,
     labelled_chunks,
-    open_escalation,
     open_store,
     pending_work,
 )
@@ -47,7 +47,6 @@ from pipeline.plan import (
     text_budget,
 )
 from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, status_totals
-from pipeline.strategies import make_strategy
 
 log = logs.get("run")
 
@@ -150,10 +149,8 @@ def run_plan(
                     )  # fmt: skip
                 given = None if isinstance(progress, bool) else progress
                 bar = stack.enter_context(_Progress(plan.rows, done_rows, bool(progress), backend, given))
-                strategy = make_strategy(plan, store)
-                answers = source or BackendSource(backend, bar.within if bar.enabled else None, strategy)
-                escalation = open_escalation(plan, strategy, stack) if plan.escalation is not None else None
-                pipeline = ChunkPipeline(plan, backend, budget, store, answers, escalation)
+                progress_hook = bar.within if bar.enabled else None
+                pipeline = chunk_pipeline(plan, backend, budget, store, stack, source, progress_hook)
                 if job.cascade is not None:
                     pipeline.router, routed_by = choose_router(plan, pipeline, store, folder)
                 totals = status_totals(finished.values())

@@ -35,7 +35,7 @@ import ray
 from pipeline import logs
 from pipeline.config import JobConfig
 from pipeline.errors import BackendUnavailableError, LabelmillError, RunStateError
-from pipeline.labeller import WorkItem, commit_chunk, labelled_chunks, open_escalation, open_store
+from pipeline.labeller import WorkItem, chunk_pipeline, commit_chunk, labelled_chunks, open_store
 from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder
 
 log = logs.get("ray")
@@ -61,9 +61,7 @@ class EngineWorker:
     def __init__(self, job: JobConfig, fingerprint: str, budget: int | None) -> None:
         from contextlib import ExitStack
 
-        from pipeline.flow import BackendSource, ChunkPipeline
         from pipeline.plan import make_backend, plan_job
-        from pipeline.strategies import make_strategy
 
         # the ids were checked by the driver; the rest of the plan is re-read from the same files
         self.plan = plan_job(job, check_id_values=False)
@@ -79,35 +77,19 @@ class EngineWorker:
         self.store = open_store(self.plan, self.folder)
         if self.store is not None:
             self._stack.callback(self.store.close)
-        strategy = make_strategy(self.plan, self.store)
-        escalation = open_escalation(self.plan, strategy, self._stack) if self.plan.escalation else None
-        self.pipeline = ChunkPipeline(
-            self.plan,
-            self.backend,
-            budget,
-            self.store,
-            BackendSource(self.backend, None, strategy),
-            escalation,
-        )
+        self.pipeline = chunk_pipeline(self.plan, self.backend, budget, self.store, self._stack)
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
     def store_id(self) -> str | None:
         return getattr(self.store, "store_id", None)
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def choose_router(self) -> dict:
-        """Train or load the cascade's student (one actor does it, the others then load it)."""
+        """Train or load the cascade's student: the first actor trains it (or finds the stored or
+        this run's one), the others then find it in the run folder's record."""
         from pipeline.cascade import choose_router
 
         self.pipeline.router, routed_by = choose_router(self.plan, self.pipeline, self.store, self.folder)
         return routed_by
-
-    def load_router(self) -> None:
-        from pipeline.cascade import choose_router
-
-        self.pipeline.router, _ = choose_router(self.plan, self.pipeline, self.store, self.folder)
 
     def label(self, item: WorkItem) -> ChunkDone:
         for done, out, stats, seconds in labelled_chunks(self.pipeline, self.folder, [item]):
@@ -165,7 +147,7 @@ def _prepare(actors: list, cascade: bool, check_store: Callable[[str | None], No
     if not cascade:
         return None
     routed_by = _get(actors[0].choose_router.remote())
-    _get([a.load_router.remote() for a in actors[1:]])
+    _get([a.choose_router.remote() for a in actors[1:]])
     return routed_by
 
 
