@@ -34,9 +34,8 @@ import json
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler
 
-from loopback import LoopbackServer
+from loopback import JsonHandler, LoopbackServer
 
 MARKERS = ("RATE", "FLAKY", "HANG", "DROP", "GARBLED", "OUTSIDE", "DOWN", "REFUSE")
 
@@ -101,17 +100,13 @@ class FaultServer(LoopbackServer):
             return self.requests, self.attempts[text]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: FaultServer
 
-    def log_message(self, *args) -> None:  # keep test output clean
-        pass
-
     def do_POST(self) -> None:
-        length = int(self.headers.get("content-length", 0))
-        body = json.loads(self.rfile.read(length))
-        if self.headers.get("authorization") != f"Bearer {self.server.key}":
-            return self._json(401, {"error": {"message": "Incorrect API key provided"}})
+        body = self.authorised_body()
+        if body is None:
+            return None
         text = body["messages"][-1]["content"]
         nth_request, attempt = self.server.count(text)
         self.server.seen_bodies.append(body)
@@ -205,18 +200,3 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             },
         )
-
-    def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        self._raw(status, json.dumps(payload).encode(), headers)
-
-    def _raw(self, status: int, data: bytes, headers: dict | None = None) -> None:
-        try:
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (HANG): exactly what the test wants

@@ -23,10 +23,9 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from loopback import LoopbackServer
+from loopback import JsonHandler, LoopbackServer
 
 DEFAULT_CONFIDENCE = 0.99
 
@@ -105,17 +104,13 @@ def wants_wrapped_label(body: dict) -> bool:
     return body.get("response_format") is not None and allowed_labels(body) is not None
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: TeacherServer
 
-    def log_message(self, *args) -> None:  # keep test output clean
-        pass
-
     def do_POST(self) -> None:
-        length = int(self.headers.get("content-length", 0))
-        body = json.loads(self.rfile.read(length))
-        if self.headers.get("authorization") != f"Bearer {self.server.key}":
-            return self._json(401, {"error": {"message": "Incorrect API key provided"}})
+        body = self.authorised_body()
+        if body is None:
+            return None
         if not self.path.rstrip("/").endswith("/chat/completions"):
             return self._json(404, {"error": {"message": f"no route {self.path}"}})
         wanted = self.server.model_name_check
@@ -171,14 +166,3 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             },
         )
-
-    def _json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up; nothing to tell it
