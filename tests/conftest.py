@@ -205,6 +205,20 @@ def engine():
     backend.close()
 
 
+def wait_for_chunks(done: Path, count: int, proc=None, timeout_s: float = 600, poll_s: float = 0.1) -> int:
+    """Wait until a run folder's ``done/`` holds ``count`` chunk markers (or ``proc``, a running
+    ``labelmill run``, has ended, or the time is up); returns how many it holds."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        found = len(list(done.glob("chunk-*.json"))) if done.is_dir() else 0
+        if found >= count:
+            return found
+        time.sleep(poll_s)
+    return len(list(done.glob("chunk-*.json"))) if done.is_dir() else 0
+
+
 MINILM = checkpoint_dir("all-minilm-l6-v2")
 """Where ``labelmill models fetch all-minilm-l6-v2`` puts the sentence-transformers model."""
 

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import polars as pl
 import psutil
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, wait_for_chunks
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'labelmill[ray]')")
 
@@ -82,9 +81,7 @@ def test_an_actor_killed_mid_run_costs_its_chunk_a_second_try(ray_cluster, tmp_p
     done = tmp_path / "killed" / "done"
 
     def kill_one_worker():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list(done.glob("chunk-*.json"))) < 3:
-            time.sleep(0.05)
+        wait_for_chunks(done, 3, timeout_s=120, poll_s=0.05)
         # an engine actor's process names itself after its class (ray::EngineWorker...)
         for proc in psutil.process_iter(["pid", "cmdline"]):
             if any("EngineWorker" in part for part in proc.info["cmdline"] or []):
@@ -112,9 +109,7 @@ def test_the_driver_killed_then_the_run_resumes(ray_cluster, tmp_path):
         [sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet"], cwd=REPO_ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None and len(list(done.glob("chunk-*.json"))) < 4:
-        time.sleep(0.05)
+    wait_for_chunks(done, 4, proc, timeout_s=180, poll_s=0.05)
     assert proc.poll() is None, proc.communicate()[0]
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

@@ -14,12 +14,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 import yaml
+from conftest import wait_for_chunks
 from engine_env import CHECKPOINT, ENGINE, IN_PROCESS, MODEL_ENV, needs_engine
 
 from pipeline.config import load_job
@@ -73,11 +73,7 @@ def test_a_killed_cascade_run_resumes_with_the_same_routing_and_labels(workdir, 
         [sys.executable, "-m", "pipeline.cli", "run", str(job), "--quiet"], cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**MODEL_ENV, **IN_PROCESS},
     )  # fmt: skip
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if done.is_dir() and len(list(done.glob("chunk-*.json"))) >= 2:
-            break
-        time.sleep(0.1)
+    wait_for_chunks(done, 2, proc)
     assert proc.poll() is None, "the run ended before it could be killed: " + proc.communicate()[0]
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

@@ -13,7 +13,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import wait_for_chunks
 from engine_env import CHECKPOINT, ENGINE, IN_PROCESS, MODEL_ENV, needs_engine
 
 from pipeline.config import load_job
@@ -153,11 +153,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(workdir, uninterrupte
     job = _job(workdir, "killed", workdir / "input.parquet")
     done = workdir / "killed" / "done"
     proc = _labelmill("run", str(job))
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if done.is_dir() and len(list(done.glob("chunk-*.json"))) >= 2:
-            break
-        time.sleep(0.2)
+    wait_for_chunks(done, 2, proc, poll_s=0.2)
     assert proc.poll() is None, "the run ended before it could be killed: " + proc.communicate()[0]
     # The engine's processes (not the watchdog), named before the kill turns them into orphans.
     engine = [
