@@ -145,6 +145,18 @@ def bare_vllm(model: Path, prefix: str, texts: list[str], reduced: bool) -> dict
     }
 
 
+def measured(figures: dict, key: str, out: Path, step) -> dict | None:
+    """Run one measurement; a failure is recorded with its reason instead of losing the others, and
+    the figures so far are written after each step (a GPU lease can end mid-run)."""
+    try:
+        figures[key] = step()
+    except Exception as exc:  # noqa: BLE001 - the reason is the figure here
+        figures[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    out.write_text(json.dumps(figures, indent=2))
+    print(json.dumps({key: figures[key]}), flush=True)
+    return None if "error" in figures[key] else figures[key]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=20_000)
@@ -152,24 +164,27 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("gpu-figures.json"))
     args = ap.parse_args()
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    figures: dict = {
+        "model": "Llama-3.1-8B shape, dummy weights" if not args.reduced else "2-layer toy (reduced)",
+        "items": args.items,
+    }
     with tempfile.TemporaryDirectory(prefix="labelmill-gpu-bench-") as tmp:
         tmp = Path(tmp)
         model = model_dir(tmp / "model", args.reduced)
         prefix, texts = workload(args.items)
-        pipeline = through_labelmill(tmp, model, prefix, texts, args.reduced)
-        scored = through_labelmill(tmp, model, prefix, texts, args.reduced, decoding="score")
-        bare = bare_vllm(model, prefix, texts, args.reduced)
-    figures = {
-        "model": "Llama-3.1-8B shape, dummy weights" if not args.reduced else "2-layer toy (reduced)",
-        "items": args.items,
-        "labelmill": pipeline,
-        "bare_vllm": bare,
-        "labelmill_score": scored,
-        "ratio_labelmill_to_bare": round(pipeline["items_per_s"] / bare["items_per_s"], 3),
-        "ratio_score_to_constrained": round(scored["items_per_s"] / pipeline["items_per_s"], 3),
-    }
+        pipeline = measured(figures, "labelmill", args.out,
+                            lambda: through_labelmill(tmp, model, prefix, texts, args.reduced))  # fmt: skip
+        scored = measured(figures, "labelmill_score", args.out,
+                          lambda: through_labelmill(tmp, model, prefix, texts, args.reduced, decoding="score"))  # fmt: skip
+        bare = measured(figures, "bare_vllm", args.out, lambda: bare_vllm(model, prefix, texts, args.reduced))
+    if pipeline and bare:
+        figures["ratio_labelmill_to_bare"] = round(pipeline["items_per_s"] / bare["items_per_s"], 3)
+    if pipeline and scored:
+        figures["ratio_score_to_constrained"] = round(scored["items_per_s"] / pipeline["items_per_s"], 3)
     args.out.write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
+    if not (pipeline and scored and bare):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
