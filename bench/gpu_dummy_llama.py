@@ -150,7 +150,7 @@ def measured(figures: dict, key: str, out: Path, step) -> dict | None:
     the figures so far are written after each step (a GPU lease can end mid-run)."""
     try:
         figures[key] = step()
-    except Exception as exc:  # noqa: BLE001 - the reason is the figure here
+    except Exception as exc:  # the reason is the figure here
         figures[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     out.write_text(json.dumps(figures, indent=2))
     print(json.dumps({key: figures[key]}), flush=True)
@@ -172,10 +172,12 @@ def main() -> None:
         tmp = Path(tmp)
         model = model_dir(tmp / "model", args.reduced)
         prefix, texts = workload(args.items)
-        pipeline = measured(figures, "labelmill", args.out,
-                            lambda: through_labelmill(tmp, model, prefix, texts, args.reduced))  # fmt: skip
-        scored = measured(figures, "labelmill_score", args.out,
-                          lambda: through_labelmill(tmp, model, prefix, texts, args.reduced, decoding="score"))  # fmt: skip
+
+        def labelmill(decoding: str):
+            return lambda: through_labelmill(tmp, model, prefix, texts, args.reduced, decoding=decoding)
+
+        pipeline = measured(figures, "labelmill", args.out, labelmill("constrained"))
+        scored = measured(figures, "labelmill_score", args.out, labelmill("score"))
         bare = measured(figures, "bare_vllm", args.out, lambda: bare_vllm(model, prefix, texts, args.reduced))
     if pipeline and bare:
         figures["ratio_labelmill_to_bare"] = round(pipeline["items_per_s"] / bare["items_per_s"], 3)
