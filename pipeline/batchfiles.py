@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import logs
+from pipeline import logs, storage
 from pipeline.backends.base import Backend
 from pipeline.config import JobConfig
 from pipeline.contracts import STATUSES, Completion, Request, Status, answers_table
@@ -316,6 +316,11 @@ def _completion(line: dict, backend: Backend, request: Request) -> Completion:
 def import_job(job: JobConfig, result_files: list[str], restart: bool = False) -> dict:
     """Turn batch result files into the job's run folder (parts, markers, summary). No row that
     held an answer before loses it (see the module docstring)."""
+    if storage.is_remote(job.output):
+        raise ConfigError(
+            f"batch import writes a local run folder; output: is {job.output}",
+            hint="import into a local output: folder (--set output=out/NAME), then copy it to the store",
+        )
     started = time.perf_counter()
     plan = plan_job(job, batch_files=True)
     folder = RunFolder(job.output, len(plan.chunks))

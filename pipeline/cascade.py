@@ -275,8 +275,11 @@ def _router(student: Student | None, about: dict, student_id: str | None) -> Rou
 
 def run_record(plan: Plan, folder: RunFolder) -> dict | None:
     """The student this run folder routes with (``cascade.json``), if it was chosen for this job."""
-    record = _read_json(folder.cascade_path)
-    if record is None or record.get("fingerprint") != plan.manifest.fingerprint:
+    try:
+        record = json.loads(folder.read_text("cascade.json") or "null")
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or record.get("fingerprint") != plan.manifest.fingerprint:
         return None
     return record
 
@@ -288,7 +291,7 @@ def _write_record(plan: Plan, folder: RunFolder, student_id: str | None, about: 
         "chosen_at": now(),
         "about": about,
     }
-    write_text_atomic(json.dumps(record, indent=2, ensure_ascii=False), folder.cascade_path)
+    folder.write_text("cascade.json", json.dumps(record, indent=2, ensure_ascii=False))
 
 
 def _read_json(path: Path) -> dict | None:

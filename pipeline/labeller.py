@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import logs
 from pipeline.cache import ResultCache
@@ -43,7 +42,7 @@ def pending_work(
     """The chunks that need work, in order, and the finished ones this run can trust (see
     ``RunFolder.verify``; with ``clean``, under the folder's lock, what it can't trust is removed).
     A folder that holds another job's run (or none) has nothing finished for this plan."""
-    manifest = folder.manifest() if folder.manifest_path.exists() else None
+    manifest = folder.manifest() if folder.has_manifest() else None
     finished: dict[int, ChunkMarker] = {}
     if manifest is not None and manifest.fingerprint == plan.manifest.fingerprint:
         folder.width = part_width(plan.manifest.chunks)
@@ -68,12 +67,12 @@ def previous_output(folder: RunFolder, item: WorkItem) -> pa.Table | None:
     """A finished chunk's output, when only its failed rows are asked again."""
     if item.earlier is None:
         return None
-    path = folder.part_path(item.chunk.index)
     try:
-        return pq.read_table(path)
+        return folder.read_part(folder.part_name(item.chunk.index))
     except (OSError, pa.ArrowException) as exc:
         raise RunStateError(
-            f"{path} became unreadable during the run: {exc}", hint="rerun the same command"
+            f"{folder.part_path(item.chunk.index)} became unreadable during the run: {exc}",
+            hint="rerun the same command",
         ) from None
 
 

@@ -8,7 +8,12 @@
       summary.json        totals of the last invocation
       answers/            the run's own answer store, when the shared result cache is off
                           (see pipeline/cache.py); removed when the run is complete
-      .lock               held (flock) by the running process
+      .lock               held (flock) by the running process; on an object store, a lease
+                          object (see pipeline/storage.py)
+
+A run folder may be a local folder or a prefix in an object store (``s3://bucket/runs/x``): the
+same files, written through :class:`_Disk` or :class:`_Bucket`. An object appears only once its
+upload is whole, so the order "part, then marker" holds there as the rename gives it on disk.
 
 A chunk counts as finished only when its marker is readable, names this run's job fingerprint,
 and its part is the file the marker vouches for: same size and SHA-256, so a truncated, zero-filled,
@@ -23,6 +28,7 @@ than 100,000 chunks, so they always sort in chunk order.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -38,10 +44,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline import locks, logs
+from pipeline import locks, logs, storage
 from pipeline.contracts import STATUSES
 from pipeline.errors import JobChangedError, OutputError, RunLockedError, RunStateError
 from pipeline.io import write_parquet_atomic, write_text_atomic
+from pipeline.storage import ObjectPath
 
 log = logs.get("run")
 
@@ -133,48 +140,211 @@ class ChunkMarker(ChunkStats):
         return self.status_counts.get(status, 0)
 
 
-def _read(model: type[_Record], path: Path) -> Any:
+def _read(model: type[_Record], files: _Disk | _Bucket, name: str) -> Any:
+    where = files.at(name)
     try:
-        data = path.read_bytes()
+        data = files.read_bytes(name)
     except OSError as exc:
-        raise RunStateError(f"cannot read {path}: {exc.strerror}", hint="check its permissions") from None
+        raise RunStateError(
+            f"cannot read {where}: {exc.strerror or exc}", hint="check its permissions"
+        ) from None
     try:
         return model.model_validate_json(data)
     except (ValidationError, ValueError) as exc:
         first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
         raise RunStateError(
-            f"{path} is damaged ({first})",
+            f"{where} is damaged ({first})",
             hint="rerun with --restart to start this run folder over, or give the job a new output: folder",
         ) from None
+
+
+class _Disk:
+    """A run folder on a local (or mounted) file system: atomic, synced writes; ``flock``."""
+
+    remote = False
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def at(self, name: str) -> Path:
+        return self.root / name
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.at(name).read_bytes()
+
+    def exists(self, name: str) -> bool:
+        return self.at(name).exists()
+
+    def size(self, name: str) -> int | None:
+        try:
+            return self.at(name).stat().st_size
+        except OSError:
+            return None
+
+    def sha256(self, name: str) -> str:
+        return file_sha256(self.at(name))
+
+    def names(self, folder: str, pattern: str) -> list[str]:
+        where = self.at(folder)
+        return sorted(f"{folder}/{p.name}" for p in where.glob(pattern)) if where.is_dir() else []
+
+    def open(self, name: str) -> pa.NativeFile:
+        return pa.OSFile(str(self.at(name)))
+
+    def write_text(self, name: str, text: str) -> None:
+        write_text_atomic(text, self.at(name))
+
+    def write_part(self, name: str, table: pa.Table) -> tuple[int, str]:
+        path = self.at(name)
+        write_parquet_atomic(table, path)
+        try:
+            return path.stat().st_size, file_sha256(path)
+        except OSError as exc:
+            raise OutputError(f"cannot read back {path}: {exc}") from None
+
+    def delete(self, name: str) -> None:
+        self.at(name).unlink(missing_ok=True)
+
+    def delete_folder(self, folder: str) -> None:
+        shutil.rmtree(self.at(folder), ignore_errors=True)
+
+    def make_folders(self, *folders: str) -> None:
+        for folder in folders:
+            self.at(folder).mkdir(parents=True, exist_ok=True)
+        for folder in (*folders, ""):
+            for tmp in self.at(folder).glob(".*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
+
+class _Bucket:
+    """A run folder in an object store: each file one object, written whole in one upload."""
+
+    remote = True
+
+    def __init__(self, root: ObjectPath) -> None:
+        self.root = root
+
+    def at(self, name: str) -> ObjectPath:
+        return self.root / name
+
+    def read_bytes(self, name: str) -> bytes:
+        return storage.read_bytes(self.at(name))
+
+    def exists(self, name: str) -> bool:
+        return storage.exists(self.at(name))
+
+    def size(self, name: str) -> int | None:
+        return storage.size(self.at(name))
+
+    def sha256(self, name: str) -> str:
+        return hashlib.sha256(self.read_bytes(name)).hexdigest()
+
+    def names(self, folder: str, pattern: str) -> list[str]:
+        prefix = self.at(folder)
+        return sorted(
+            f"{folder}/{path.name}"
+            for path, _ in storage.list_files(prefix)
+            if path.parent == prefix and fnmatch.fnmatch(path.name, pattern)
+        )
+
+    def open(self, name: str) -> pa.NativeFile:
+        return storage.open_input(self.at(name))
+
+    def write_text(self, name: str, text: str) -> None:
+        storage.write_bytes(self.at(name), text.encode())
+
+    def write_part(self, name: str, table: pa.Table) -> tuple[int, str]:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        storage.write_bytes(self.at(name), data)
+        return len(data), hashlib.sha256(data).hexdigest()
+
+    def delete(self, name: str) -> None:
+        storage.delete(self.at(name))
+
+    def delete_folder(self, folder: str) -> None:
+        storage.delete_tree(self.at(folder))
+
+    def make_folders(self, *folders: str) -> None:
+        """Nothing to make: an object store has no folders."""
 
 
 _DAMAGED = object()
 
 
 class RunFolder:
-    def __init__(self, root: str | Path, chunks: int | None = None) -> None:
-        self.root = Path(root)
-        self.parts = self.root / "parts"
-        self.markers = self.root / "done"
-        self.answers = self.root / "answers"
-        self.manifest_path = self.root / "run.json"
-        self.summary_path = self.root / "summary.json"
-        self.cascade_path = self.root / "cascade.json"
+    def __init__(self, root: str | Path | ObjectPath, chunks: int | None = None) -> None:
+        where = storage.location(root)
+        self.files: _Disk | _Bucket = _Bucket(where) if isinstance(where, ObjectPath) else _Disk(where)
+        self.root = where
+        self.parts = where / "parts"
+        self.markers = where / "done"
+        self.manifest_path = where / "run.json"
+        self.summary_path = where / "summary.json"
+        self.cascade_path = where / "cascade.json"
         """The student this run routes with (``pipeline/cascade.py``): a resumed run uses the same."""
-        self.job_path = self.root / "job.yaml"
-        self.lock_path = self.root / ".lock"
+        self.job_path = where / "job.yaml"
+        self.lock_path = where / ".lock"
         self.width = part_width(chunks or 0)
+        self._lease: storage.LeaseLock | None = None
 
-    def part_path(self, chunk: int) -> Path:
-        return self.parts / f"part-{chunk:0{self.width}d}.parquet"
+    @property
+    def answers(self) -> Path:
+        """The run's own answer store: in the folder, or for a folder in an object store, in a
+        local scratch folder named after it (memory-mapped files need a local disk)."""
+        if isinstance(self.root, Path):
+            return self.root / "answers"
+        from pipeline.models import labelmill_home
 
-    def marker_path(self, chunk: int) -> Path:
-        return self.markers / f"chunk-{chunk:0{self.width}d}.json"
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+        return labelmill_home() / "scratch" / digest / "answers"
+
+    def part_name(self, chunk: int) -> str:
+        return f"parts/part-{chunk:0{self.width}d}.parquet"
+
+    def marker_name(self, chunk: int) -> str:
+        return f"done/chunk-{chunk:0{self.width}d}.json"
+
+    def part_path(self, chunk: int) -> Path | ObjectPath:
+        return self.files.at(self.part_name(chunk))
+
+    def marker_path(self, chunk: int) -> Path | ObjectPath:
+        return self.files.at(self.marker_name(chunk))
+
+    def read_part(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """A part by its name in the folder (``parts/part-00012.parquet``)."""
+        with self.files.open(name) as handle:
+            return pq.read_table(handle, columns=columns)
+
+    def part_names(self) -> list[str]:
+        return self.files.names("parts", "part-*.parquet")
+
+    def read_text(self, name: str) -> str | None:
+        """A small file of the folder (``cascade.json``), or None when there is none."""
+        try:
+            return self.files.read_bytes(name).decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        self.files.write_text(name, text)
 
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the folder for this process; the kernel drops the lock if the process dies (its
-        forked children, an engine's workers, do not keep it: see pipeline/locks.py)."""
+        forked children, an engine's workers, do not keep it: see pipeline/locks.py). A folder in
+        an object store is held by a lease (``pipeline.storage.LeaseLock``)."""
+        if isinstance(self.root, ObjectPath):
+            lease = storage.LeaseLock(self.root / ".lock")
+            lease.acquire()
+            self._lease = lease
+            try:
+                yield
+            finally:
+                self._lease = None
+                lease.release()
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             held = locks.take(self.lock_path)
@@ -192,13 +362,23 @@ class RunFolder:
         with held:
             yield
 
+    def check_lock(self) -> None:
+        """Raise when this process held the folder's lease and lost it: nothing more may be written."""
+        if self._lease is not None:
+            self._lease.check()
+
     def is_locked(self) -> bool:
+        if isinstance(self.root, ObjectPath):
+            return storage.LeaseLock(self.root / ".lock").held_by_other()
         return locks.held_by_other(self.lock_path)
 
+    def has_manifest(self) -> bool:
+        return self.files.exists("run.json")
+
     def manifest(self) -> Manifest | None:
-        if not self.manifest_path.exists():
+        if not self.files.exists("run.json"):
             return None
-        return _read(Manifest, self.manifest_path)
+        return _read(Manifest, self.files, "run.json")
 
     def prepare(
         self, manifest: Manifest, job_yaml: str, restart: bool, restart_on: frozenset[str] = frozenset()
@@ -231,10 +411,11 @@ class RunFolder:
                 )  # fmt: skip
                 restart = True
         if restart:
-            for path in (self.parts, self.markers, self.answers):
-                shutil.rmtree(path, ignore_errors=True)
-            for path in (self.manifest_path, self.summary_path, self.cascade_path):
-                path.unlink(missing_ok=True)
+            for folder in ("parts", "done"):
+                self.files.delete_folder(folder)
+            shutil.rmtree(self.answers, ignore_errors=True)
+            for name in ("run.json", "summary.json", "cascade.json"):
+                self.files.delete(name)
             old = None
         markers = self._markers()
         if old is None or old is _DAMAGED:
@@ -259,7 +440,7 @@ class RunFolder:
                     extra=logs.fields("manifest_rewritten", path=str(self.manifest_path)),
                 )
         elif old.fingerprint != manifest.fingerprint:
-            if any(self.part_path(i).exists() for i in markers):
+            if any(self.files.exists(self.part_name(i)) for i in markers):
                 changed = _changed(old.components, manifest.components)
                 hint = (
                     "to keep the finished parts, give the job a new output: folder; to discard "
@@ -277,26 +458,20 @@ class RunFolder:
                     hint=hint,
                 )
             old = None  # nothing was finished under the old job (it failed at start): nothing to protect
-        self.parts.mkdir(parents=True, exist_ok=True)
-        self.markers.mkdir(parents=True, exist_ok=True)
-        for folder in (self.parts, self.markers, self.root):
-            for tmp in folder.glob(".*.tmp-*"):
-                tmp.unlink(missing_ok=True)
+        self.files.make_folders("parts", "done")
         if old is None or old is _DAMAGED:
-            self.summary_path.unlink(missing_ok=True)
+            self.files.delete("summary.json")
             legacy = {"attributes"} if manifest.attributes is None else None
-            write_text_atomic(manifest.model_dump_json(indent=2, exclude=legacy), self.manifest_path)
-        write_text_atomic(job_yaml, self.job_path)
+            self.files.write_text("run.json", manifest.model_dump_json(indent=2, exclude=legacy))
+        self.files.write_text("job.yaml", job_yaml)
 
     def _markers(self) -> dict[int, ChunkMarker]:
         """Every readable marker whose name and content agree, by chunk index; no checks of parts."""
         found: dict[int, ChunkMarker] = {}
-        if not self.markers.is_dir():
-            return found
-        for path in sorted(self.markers.glob("chunk-*.json")):
-            index = _index(path)
+        for name in self.files.names("done", "chunk-*.json"):
+            index = _index(name)
             try:
-                marker = _read(ChunkMarker, path)
+                marker = _read(ChunkMarker, self.files, name)
             except RunStateError:
                 continue
             if index is not None and marker.chunk == index:
@@ -305,7 +480,8 @@ class RunFolder:
 
     def _part_fingerprint(self, chunk: int) -> str | None:
         try:
-            meta = pq.read_schema(self.part_path(chunk)).metadata or {}
+            with self.files.open(self.part_name(chunk)) as handle:
+                meta = pq.read_schema(handle).metadata or {}
             return json.loads(meta[b"labelmill"])["job_fingerprint"]
         except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
             return None
@@ -315,9 +491,8 @@ class RunFolder:
         Cheap (no part is read); a run checks more before it trusts them (see ``verify``)."""
         done = {}
         for index, marker in self._markers().items():
-            try:
-                size = self.part_path(index).stat().st_size
-            except OSError:
+            size = self.files.size(self.part_name(index))
+            if size is None:
                 continue
             if marker.part_bytes in (None, size):
                 done[index] = marker
@@ -331,32 +506,30 @@ class RunFolder:
         fail and parts nobody vouches for are removed, so the folder holds only what is listed."""
         trusted: dict[int, ChunkMarker] = {}
         problems: list[str] = []
-        unusable: list[Path] = []
-        for path in sorted(self.markers.glob("chunk-*.json")) if self.markers.is_dir() else []:
-            index = _index(path)
+        unusable: list[str] = []
+        for name in self.files.names("done", "chunk-*.json"):
+            index = _index(name)
             try:
-                marker = _read(ChunkMarker, path)
+                marker = _read(ChunkMarker, self.files, name)
             except RunStateError as exc:
                 problems.append(exc.message)
-                unusable.append(path)
+                unusable.append(name)
                 continue
             why = self._distrust(marker, index, fingerprint, chunks)
             if why:
                 problems.append(f"chunk {index}: {why}")
-                unusable.append(path)
+                unusable.append(name)
             else:
                 trusted[marker.chunk] = marker
         if clean:
-            keep = {self.part_path(i) for i in trusted}
-            stray = (
-                [p for p in self.parts.glob("part-*.parquet") if p not in keep] if self.parts.is_dir() else []
-            )
+            keep = {self.part_name(i) for i in trusted}
+            stray = [name for name in self.part_names() if name not in keep]
             try:
-                for path in unusable + stray:
-                    path.unlink(missing_ok=True)
+                for name in unusable + stray:
+                    self.files.delete(name)
             except OSError as exc:
                 raise OutputError(
-                    f"cannot remove {exc.filename} from {self.root}: {exc.strerror}",
+                    f"cannot remove {exc.filename} from {self.root}: {exc.strerror or exc}",
                     hint="check the permissions of the run folder",
                 ) from None
         return trusted, problems
@@ -371,20 +544,20 @@ class RunFolder:
             return "the marker is not of this run's chunk plan"
         if marker.fingerprint not in (None, fingerprint):
             return f"its marker is of another job (fingerprint {marker.fingerprint})"
-        path = self.part_path(index)
-        try:
-            size = path.stat().st_size
-        except OSError:
+        name = self.part_name(index)
+        size = self.files.size(name)
+        if size is None:
             return "its part is missing"
         if marker.part_bytes is not None and size != marker.part_bytes:
             return f"its part has {size} bytes, the marker says {marker.part_bytes}"
         if marker.part_sha256 is not None:
-            if file_sha256(path) != marker.part_sha256:
+            if self.files.sha256(name) != marker.part_sha256:
                 return "its part's content changed since it was written (checksum differs)"
             return None
         # written before markers held a checksum: what the part says about itself must agree
         try:
-            meta = pq.read_metadata(path)
+            with self.files.open(name) as handle:
+                meta = pq.read_metadata(handle)
             stamp = json.loads((meta.schema.to_arrow_schema().metadata or {})[b"labelmill"])
         except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
             return "its part is not readable"
@@ -397,17 +570,12 @@ class RunFolder:
     def commit(self, table: pa.Table, marker: ChunkMarker) -> None:
         """Part first, marker second: a marker always vouches for a complete part, by its size and
         checksum."""
-        path = self.part_path(marker.chunk)
-        write_parquet_atomic(table, path)
-        try:
-            marker.part_bytes = path.stat().st_size
-            marker.part_sha256 = file_sha256(path)
-        except OSError as exc:
-            raise OutputError(f"cannot read back {path}: {exc}") from None
-        write_text_atomic(marker.model_dump_json(), self.marker_path(marker.chunk))
+        self.check_lock()
+        marker.part_bytes, marker.part_sha256 = self.files.write_part(self.part_name(marker.chunk), table)
+        self.files.write_text(self.marker_name(marker.chunk), marker.model_dump_json())
 
     def write_summary(self, summary: dict) -> None:
-        write_text_atomic(json.dumps(summary, indent=2, ensure_ascii=False), self.summary_path)
+        self.files.write_text("summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
 
     def summarise(self, manifest: Manifest, markers: Iterable[ChunkMarker] | None = None) -> dict[str, Any]:
         """Totals over finished chunks (all invocations of the run): ``markers``, or those on disk."""
@@ -450,8 +618,8 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _index(path: Path) -> int | None:
-    found = re.fullmatch(r"chunk-(\d+)\.json", path.name)
+def _index(name: str) -> int | None:
+    found = re.fullmatch(r"chunk-(\d+)\.json", name.rsplit("/", 1)[-1])
     return int(found.group(1)) if found else None
 
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import yaml
 
 from pipeline import logs
@@ -230,7 +229,7 @@ def _route_summary(plan: Plan, folder: RunFolder, summary: dict, routed_by: dict
     sources: dict[str, int] = {}
     for marker in folder.finished().values():
         try:
-            column = pq.read_table(folder.root / marker.part, columns=["source"]).column("source")
+            column = folder.read_part(marker.part, columns=["source"]).column("source")
         except (OSError, pa.ArrowException):
             continue  # the summary counts what it can read; verify reports the damage
         for item in pc.value_counts(column).to_pylist():

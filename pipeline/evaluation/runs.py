@@ -50,20 +50,21 @@ class Run:
 
 def load_run(folder: str | Path) -> Run:
     """run.json and every part of a run folder."""
-    folder = Path(folder)
-    manifest = RunFolder(folder).manifest()
+    run_folder = RunFolder(folder)
+    folder = run_folder.root
+    manifest = run_folder.manifest()
     if manifest is None:
         raise RunStateError(
             f"{folder} is not a labelmill run folder (no run.json)",
             hint="give the run's output: folder, e.g. out/products-oa-mine",
         )
-    paths = sorted((folder / "parts").glob("part-*.parquet"))
+    paths = run_folder.part_names()
     if not paths:
         raise RunStateError(
             f"{folder} has no output parts yet", hint="run the job first: labelmill run JOB_FILE"
         )
     try:
-        table = pa.concat_tables(pq.read_table(p) for p in paths)
+        table = pa.concat_tables(run_folder.read_part(p) for p in paths)
     except (OSError, pa.ArrowInvalid) as exc:
         raise RunStateError(f"cannot read the parts of {folder}: {exc}") from None
     return Run(folder, manifest, table, manifest.id_column, len(paths))
