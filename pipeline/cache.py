@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import mmap
 import os
@@ -59,10 +60,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import locks
+from pipeline import locks, storage
 from pipeline.contracts import ANSWER_SCHEMA
 from pipeline.errors import OutputError, StoreBusyError
 from pipeline.io import fsync_dir, write_text_atomic
+from pipeline.storage import ObjectPath
 
 ENTRY_SCHEMA = pa.schema(
     [pa.field("key", pa.string()), pa.field("sent", pa.string())]
@@ -331,6 +333,80 @@ class ResultCache:
                 mapping.madvise(mmap.MADV_DONTNEED)  # done with this file for now: see _release
         taken = pa.concat_tables(parts).combine_chunks()
         return taken.take(pa.array(np.argsort(order)))
+
+
+class MirroredCache(ResultCache):
+    """A result cache kept in an object store (``cache: {path: s3://bucket/labelmill-cache}``).
+
+    The store's files are memory-mapped and locked, which needs a local disk, so each machine
+    works on a mirror (``$LABELMILL_HOME/mirrors/<digest of the URI>/``): opening downloads the
+    namespace's answer files it lacks, closing uploads the files this machine finished, each as
+    one whole object, and deletes from the bucket those its merge replaced. Runs on several
+    machines (Ray's engine actors) share answers through the bucket from one run to the next;
+    within a run each machine finds its own. A file still being written by a live process is
+    never uploaded. The namespace's ``store-id`` is created once in the bucket, by a conditional
+    write, so every machine reports the same store. Students of a cascade stay in the mirror.
+    """
+
+    def __init__(
+        self, remote: ObjectPath, namespace: str, within_run: bool = True, about=None, **tuning
+    ) -> None:
+        self.remote = remote / namespace
+        local = mirror_root(remote)
+        try:
+            self._pulled = _pull(self.remote, local / namespace)
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(
+                f"cannot read the result store {self.remote}: {str(exc).splitlines()[0][:300]}",
+                hint="check the bucket's permissions and the credentials the provider's chain "
+                "finds, or turn the cache off for this run (--no-cache)",
+            ) from None
+        super().__init__(local, namespace, within_run, about, **tuning)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        with contextlib.suppress(OSError, pa.ArrowException, OutputError):  # tried again next run
+            _push(self.folder, self.remote, self._pulled)
+
+
+def mirror_root(remote: ObjectPath) -> Path:
+    from pipeline.models import labelmill_home
+
+    return labelmill_home() / "mirrors" / hashlib.sha256(str(remote).encode()).hexdigest()[:16]
+
+
+def _pull(remote: ObjectPath, folder: Path) -> set[str]:
+    """Download what the mirror lacks; the names of the answer files in the bucket."""
+    folder.mkdir(parents=True, exist_ok=True)
+    listed = {path.name: (path, size) for path, size in storage.list_files(remote) if path.parent == remote}
+    if "store-id" not in listed:  # a new namespace in the bucket: one id for every machine
+        storage.create_if_absent(remote / "store-id", os.urandom(8).hex().encode())
+        listed["store-id"] = (remote / "store-id", None)
+    for name, (path, size) in listed.items():
+        local = folder / name
+        wanted = (name.startswith("seg-") and name.endswith(".arrows")) or name in ("store-id", "about.json")
+        if not wanted or (local.exists() and name != "store-id" and local.stat().st_size == size):
+            continue
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        tmp.write_bytes(storage.read_bytes(path))
+        os.replace(tmp, local)
+    return {name for name in listed if name.startswith("seg-")}
+
+
+def _push(folder: Path, remote: ObjectPath, pulled: set[str]) -> None:
+    """Upload the finished answer files the bucket lacks; delete those a merge replaced."""
+    there = {path.name for path, _ in storage.list_files(remote) if path.parent == remote}
+    for path in sorted(folder.glob("seg-*.arrows")):
+        if path.name not in there and not locks.held_by_other(path):
+            storage.write_bytes(remote / path.name, path.read_bytes())
+    for name in pulled:
+        if name in there and not (folder / name).exists():
+            storage.delete(remote / name)
+    about = folder / "about.json"
+    if "about.json" not in there and about.exists():
+        storage.write_bytes(remote / "about.json", about.read_bytes())
 
 
 @dataclass

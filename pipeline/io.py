@@ -29,13 +29,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import DuplicateIdError, InputFormatError, InputNotFoundError, OutputError
 from pipeline.sources import Source, TextSource, convert, find_sources, text_format
 
 
 @dataclass(frozen=True)
 class InputFile:
-    path: Path
+    path: Path | storage.ObjectPath
     rows: int
     size: int
     footer_sha: str
@@ -92,7 +93,7 @@ def describe(paths: list[Path | Source], copies: Path | None = None) -> list[Inp
         read_path = text.parquet if text else path
         try:
             # one handle for the footer read and its hash, so the two always describe one file
-            with pa.OSFile(str(read_path)) as handle:
+            with storage.open_input(read_path) as handle:
                 meta = pq.read_metadata(handle)
                 size, footer_sha = handle.size(), _footer_sha(handle)
         except FileNotFoundError:
@@ -301,7 +302,7 @@ def _open_planned(file: InputFile, chunk: Chunk | None = None) -> Iterator[pq.Pa
     if file.text is not None:
         _check_text_source(file, chunk)
     try:
-        source = pa.OSFile(str(file.read_path))
+        source = storage.open_input(file.read_path)
     except FileNotFoundError:
         if file.text is not None:
             raise InputNotFoundError(

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import logs
-from pipeline.cache import ResultCache
+from pipeline.cache import MirroredCache, ResultCache
 from pipeline.contracts import STATUSES, Status
 from pipeline.errors import RunStateError
 from pipeline.flow import AnswerStore, BackendSource, ChunkPipeline
 from pipeline.io import Chunk, ChunkReader
-from pipeline.plan import Plan, cache_root, make_escalation_backend, now
+from pipeline.plan import Plan, cache_remote, cache_root, make_escalation_backend, now
 from pipeline.routing import Escalation
 from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder, part_width
 from pipeline.strategies import make_strategy
@@ -108,8 +108,16 @@ def open_store(plan: Plan, folder: RunFolder) -> ResultCache | None:
             "first_job_output": job.output,
             "created_at": now(),
         }
-        return ResultCache(cache_root(job), plan.namespace, within_run=job.dedupe.enabled, about=about)
+        return open_cache(job, plan.namespace, about)
     return ResultCache(folder.answers, plan.namespace) if job.dedupe.enabled else None
+
+
+def open_cache(job, namespace: str, about: dict) -> ResultCache:
+    """The job's result cache: a local folder, or a bucket prefix worked on through a mirror."""
+    remote = cache_remote(job)
+    if remote is not None:
+        return MirroredCache(remote, namespace, within_run=job.dedupe.enabled, about=about)
+    return ResultCache(cache_root(job), namespace, within_run=job.dedupe.enabled, about=about)
 
 
 def open_escalation(plan: Plan, strategy, stack: ExitStack) -> Escalation:
@@ -119,10 +127,10 @@ def open_escalation(plan: Plan, strategy, stack: ExitStack) -> Escalation:
     backend = stack.enter_context(make_escalation_backend(plan))
     store = None
     if job.cache.enabled:
-        store = ResultCache(
-            cache_root(job), esc.namespace, within_run=job.dedupe.enabled,
-            about={"task": job.task, "model": job.escalate.model, "backend": job.escalate.backend,
-                   "prompt": job.prompt, "escalation_of": job.model, "created_at": now()},
+        store = open_cache(
+            job, esc.namespace,
+            {"task": job.task, "model": job.escalate.model, "backend": job.escalate.backend,
+             "prompt": job.prompt, "escalation_of": job.model, "created_at": now()},
         )  # fmt: skip
         stack.callback(store.close)
     rule = job.escalate

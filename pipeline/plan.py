@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline import __version__, plugins
+from pipeline import __version__, plugins, storage
 from pipeline.backends.base import Backend
+from pipeline.cache import mirror_root
 from pipeline.config import JobConfig
 from pipeline.contracts import COMMON_FIELDS, Request, route_fields
 from pipeline.errors import ConfigError, InputFormatError
@@ -36,6 +37,7 @@ from pipeline.io import (
 from pipeline.models import labelmill_home, model_fingerprint, resolve_model
 from pipeline.prompts import RenderedPrompt, render
 from pipeline.runfolder import Manifest
+from pipeline.storage import ObjectPath
 from pipeline.tasks.base import Task
 from pipeline.text import text_columns
 
@@ -210,7 +212,7 @@ def _manifest(
         "answer_reuse": digest(
             {
                 "cache": job.cache.enabled,
-                "cache_path": str(cache_root(job).resolve()) if job.cache.enabled else None,
+                "cache_path": _cache_place(job) if job.cache.enabled else None,
                 "dedupe": job.dedupe.model_dump(),
             }
         ),
@@ -324,7 +326,22 @@ def prompt_overhead(plan: Plan, backend: Backend) -> int:
 
 
 def cache_root(job: JobConfig) -> Path:
+    """The result cache's local folder; for a cache in an object store, this machine's mirror of it
+    (see ``pipeline.cache.MirroredCache``)."""
+    remote = cache_remote(job)
+    if remote is not None:
+        return mirror_root(remote)
     return Path(job.cache.path) if job.cache.path else labelmill_home() / "cache"
+
+
+def _cache_place(job: JobConfig) -> str:
+    return str(cache_remote(job) or cache_root(job).resolve())
+
+
+def cache_remote(job: JobConfig) -> ObjectPath | None:
+    """The result cache's bucket prefix, when ``cache.path`` is an ``s3://`` or ``gs://`` URI."""
+    path = job.cache.path
+    return ObjectPath.parse(path) if path and storage.is_remote(path) else None
 
 
 def digest(value) -> str:

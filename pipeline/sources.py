@@ -24,12 +24,13 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import InputFormatError, InputNotFoundError, OutputError
 
 TEXT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -50,7 +51,7 @@ class Source:
     """One input file, and the partition columns its folders give it (``name=value`` folders
     below the input folder, or below a glob's fixed part)."""
 
-    path: Path
+    path: Path | storage.ObjectPath
     partition: tuple[tuple[str, str | None], ...] = ()
 
 
@@ -72,7 +73,10 @@ class TextSource:
 
 
 def find_sources(spec: str) -> list[Source]:
-    """A file, a folder (its data files, and those in its ``name=value`` subfolders), or a glob."""
+    """A file, a folder (its data files, and those in its ``name=value`` subfolders), or a glob;
+    locally or in an object store (``s3://bucket/exports/``, see ``pipeline/storage.py``)."""
+    if storage.is_remote(spec):
+        return _object_sources(spec)
     expanded = os.path.expanduser(spec)
     path = Path(expanded)
     if path.is_file():
@@ -90,6 +94,85 @@ def find_sources(spec: str) -> list[Source]:
     sources = [Source(p, _partition(p, root)) for p in found]
     _check_partitions(sources)
     return sources
+
+
+def _object_sources(spec: str) -> list[Source]:
+    """The Parquet objects an ``s3://`` or ``gs://`` input names, read in place (ranged reads of
+    footers and row groups): the object itself, every object below a prefix that is a folder
+    (through ``name=value`` levels only), or those a glob matches (``*`` within a level, ``**``
+    across levels)."""
+    where = storage.ObjectPath.parse(spec)
+    try:
+        if glob.escape(where.key) != where.key:
+            fixed = [part for part in _fixed_part(where.key).parts if part != "."]
+            root = storage.ObjectPath(f"{where.scheme}://{where.bucket}/{'/'.join(fixed)}")
+            pattern = _glob_regex(where.key)
+            found = [p for p, _ in storage.list_files(root) if pattern.fullmatch(p.key)]
+            what = f"glob {spec!r}"
+        elif storage.size(where) is not None:
+            found, root, what = [where], where.parent, spec
+        else:
+            root, what = where, f"prefix {spec}"
+            found = [p for p, _ in storage.list_files(where) if _in_data_folder(p, where)]
+    except (OSError, pa.ArrowException) as exc:
+        raise InputNotFoundError(
+            f"input: cannot list {spec} ({str(exc).splitlines()[0][:300]})",
+            hint="check the bucket's name, the network, and the credentials the provider's "
+            "standard chain finds (environment, profile, instance role)",
+        ) from None
+    texts = [p for p in found if text_format(p)]
+    if texts:
+        raise InputFormatError(
+            f"input: {texts[0]} is a CSV, TSV or JSON Lines object: on object storage labelmill "
+            "reads Parquet only",
+            hint="convert it to Parquet, or copy it to a local folder and point input: there",
+        )
+    found = [p for p in found if p.suffix.lower() == ".parquet"]
+    if not found:
+        raise InputNotFoundError(
+            f"input: no Parquet object at {what}",
+            hint="check 'input:' in the job file (a prefix lists the objects below it)",
+        )
+    top = PurePosixPath(root.fs_path)
+    sources = [Source(p, _partition(PurePosixPath(p.fs_path), top)) for p in found]
+    _check_partitions(sources)
+    return sources
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob over object keys as Python's ``glob`` reads one over paths: ``*``, ``?`` and
+    ``[...]`` within one level, ``**`` across levels."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            inner = pattern[i + 1 : end]
+            out.append(
+                "[" + ("^" + inner[1:] if inner.startswith("!") else inner).replace("\\", "\\\\") + "]"
+            )
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _in_data_folder(path: storage.ObjectPath, root: storage.ObjectPath) -> bool:
+    """An object of a folder input: below it directly or through ``name=value`` levels, and not a
+    ``.``- or ``_``-named side file (``_SUCCESS``)."""
+    parts = PurePosixPath(path.fs_path).relative_to(PurePosixPath(root.fs_path)).parts
+    if any(part.startswith((".", "_")) for part in parts):
+        return False
+    return all(_KEY_VALUE.match(part) for part in parts[:-1])
 
 
 def _folder_files(folder: Path) -> list[Path]:

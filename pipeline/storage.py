@@ -117,6 +117,10 @@ class ObjectPath:
         return PurePosixPath(self.fs_path).suffix
 
     @property
+    def stem(self) -> str:
+        return PurePosixPath(self.fs_path).stem
+
+    @property
     def suffixes(self) -> list[str]:
         return PurePosixPath(self.fs_path).suffixes
 
@@ -203,6 +207,36 @@ def write_bytes(path: ObjectPath, data: bytes) -> None:
         ) from None
 
 
+def create_if_absent(path: ObjectPath, data: bytes) -> bool:
+    """Write the object unless one exists; True when this call created it. On S3 a conditional
+    write (``If-None-Match: *``), so of two writers exactly one wins; elsewhere a check, then a
+    write."""
+    if path.scheme == "s3":
+        from botocore.exceptions import ClientError
+
+        try:
+            _s3_client().put_object(Bucket=path.bucket, Key=path.key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise OutputError(f"could not write {path}: {_short(exc)}") from None
+    if exists(path):
+        return False
+    write_bytes(path, data)
+    return True
+
+
+def _s3_client():
+    try:
+        import boto3
+    except ImportError:
+        raise MissingDependencyError(
+            "locks and conditional writes on S3 need boto3", hint="pip install 'labelmill[s3]'"
+        ) from None
+    return boto3.client("s3")
+
+
 def delete(path: ObjectPath) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.fs.delete_file(path.fs_path)
@@ -251,14 +285,7 @@ class LeaseLock:
 
     @functools.cached_property
     def _client(self):
-        try:
-            import boto3
-        except ImportError:
-            raise MissingDependencyError(
-                "a run folder on S3 needs boto3 for its lock (conditional writes)",
-                hint="pip install 'labelmill[s3]'",
-            ) from None
-        return boto3.client("s3")
+        return _s3_client()
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "expires": time.time() + self.lease}).encode()
