@@ -391,8 +391,11 @@ def _damaged(file: InputFile, group: int, exc: Exception) -> InputFormatError:
 def check_ids(files: list[InputFile], id_column: str) -> None:
     """Refuse null or repeated ids across all input files before any model work.
 
-    Memory stays at 8 bytes per row: the ids are read in batches and only a 64-bit hash of each is
-    kept; equal hashes are then confirmed (or not) on the ids themselves in a second pass.
+    The ids are read in batches and only a 64-bit hash of each is kept; equal hashes are then
+    confirmed (or not) on the ids themselves in a last pass. Memory is bounded whatever the row
+    count: an input of more than ``_IDS_PER_PASS`` rows is checked in several passes over its id
+    column, each keeping the hashes of one residue class (``hash % passes``), so equal ids always
+    meet in the same pass.
     """
     import numpy as np
     import polars as pl
@@ -413,21 +416,26 @@ def check_ids(files: list[InputFile], id_column: str) -> None:
                     except (OSError, pa.ArrowException) as exc:
                         raise _damaged(f, gi, exc) from None
 
-    nulls, hashes = 0, []
-    for ids in batches():
-        nulls += ids.null_count()
-        hashes.append(ids.hash(seed=_ID_SEED).to_numpy())
-    if nulls:
-        raise DuplicateIdError(
-            f"id column '{id_column}' has {nulls} null value(s)",
-            hint="fill them, or drop id_column to use ids made from file name and row number",
-        )
-    if not hashes:
-        return
-    sorted_hashes = np.sort(np.concatenate(hashes))
-    del hashes
-    shared = np.unique(sorted_hashes[1:][sorted_hashes[1:] == sorted_hashes[:-1]])
-    del sorted_hashes
+    passes = max(1, -(-sum(f.rows for f in files) // _IDS_PER_PASS))
+    found = []
+    for current in range(passes):
+        nulls, hashes = 0, []
+        for ids in batches():
+            nulls += ids.null_count()
+            hashed = ids.hash(seed=_ID_SEED).to_numpy()
+            hashes.append(hashed[hashed % passes == current] if passes > 1 else hashed)
+        if nulls:
+            raise DuplicateIdError(
+                f"id column '{id_column}' has {nulls} null value(s)",
+                hint="fill them, or drop id_column to use ids made from file name and row number",
+            )
+        if not hashes:
+            return
+        sorted_hashes = np.sort(np.concatenate(hashes))
+        del hashes
+        found.append(np.unique(sorted_hashes[1:][sorted_hashes[1:] == sorted_hashes[:-1]]))
+        del sorted_hashes
+    shared = np.concatenate(found)
     if not len(shared):
         return
     shared_set = pl.Series(shared).implode()
@@ -443,6 +451,8 @@ def check_ids(files: list[InputFile], id_column: str) -> None:
 
 
 _ID_SEED = 11
+_IDS_PER_PASS = 8 << 20
+"""Id hashes held at once while checking ids: 64 MB, and as much again while they are sorted."""
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:

@@ -241,9 +241,10 @@ def minilm() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster(tmp_path_factory, s3_server):
     """A Ray cluster as a user's would be, on 127.0.0.1: a head and a worker node started with
-    ``ray start`` (2 CPUs each, no GPU); yields the address to join."""
+    ``ray start`` (2 CPUs each, no GPU), whose nodes find the S3 server's credentials in their
+    environment, as a cluster's nodes find theirs; yields the address to join."""
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'labelmill[ray]')")
     import socket
     import subprocess
@@ -261,7 +262,7 @@ def ray_cluster(tmp_path_factory):
     # otherwise switch the head to token authentication and keep the worker node out)
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-    env = dict(os.environ)
+    env = {**os.environ, **s3_server.env}
     common = ["--num-cpus", "2", "--num-gpus", "0", "--disable-usage-stats"]
     subprocess.run(
         [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),

@@ -235,6 +235,22 @@ def test_check_ids_repeats_across_files(tmp_path: Path) -> None:
     assert "'k1' x2" in str(info.value)
 
 
+def test_check_ids_in_several_passes_finds_every_repeat_and_no_other(tmp_path: Path, monkeypatch) -> None:
+    """An input larger than one pass's hashes is checked residue class by residue class: equal ids
+    share a hash, so they meet in one pass, whichever it is."""
+    import pipeline.io
+
+    monkeypatch.setattr(pipeline.io, "_IDS_PER_PASS", 7)  # 200 rows: 29 passes
+    ids = [f"k{i}" for i in range(200)]
+    a = write_table(tmp_path / "a.parquet", {"id": ids[:100], "text": ["t"] * 100})
+    b = write_table(tmp_path / "b.parquet", {"id": ids[100:], "text": ["t"] * 100})
+    check_ids(describe([a, b]), "id")
+    c = write_table(tmp_path / "c.parquet", {"id": ["k7", "k150", "k199", "new"], "text": ["t"] * 4})
+    with pytest.raises(DuplicateIdError) as info:
+        check_ids(describe([a, b, c]), "id")
+    assert all(f"'{k}' x2" in str(info.value) for k in ("k150", "k199", "k7"))
+
+
 def test_check_ids_nulls(tmp_path: Path) -> None:
     path = write_table(
         tmp_path / "a.parquet", {"id": pa.array([1, None, 3, None], pa.int64()), "text": list("abcd")}

@@ -27,6 +27,7 @@ from conftest import REPO_ROOT, wait_for_chunks
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'labelmill[ray]')")
 
 from pipeline.config import load_job  # noqa: E402
+from pipeline.runfolder import RunFolder  # noqa: E402
 from pipeline.runner import run_job  # noqa: E402
 
 LABELS = ["Coffee", "Tea", "Vitamin", "Shoes", "Sunscreen"]
@@ -72,6 +73,27 @@ def test_a_million_rows_on_the_cluster_equal_the_local_run(ray_cluster, million,
     # both nodes worked: the actors were spread over them
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
+
+
+def test_input_output_and_cache_in_a_bucket_on_the_cluster_equal_the_local_run(
+    ray_cluster, s3_server, tmp_path, monkeypatch
+):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    bucket = s3_server.bucket("lm-ray")
+    data = tmp_path / "in.parquet"
+    titles = [f"product {i % 2000}" for i in range(3000)]
+    pl.DataFrame({"id": range(3000), "title": titles}).write_parquet(data, row_group_size=500)
+    s3_server.client().put_object(Bucket=bucket, Key="in/rows.parquet", Body=data.read_bytes())
+    local = run_job(load_job(_job(tmp_path, "local", data, None, chunk_rows=500)))
+    url = f"s3://{bucket}"
+    job = _job(tmp_path, "ray", data, ray_cluster, chunk_rows=500, input=f"{url}/in/",
+               output=f"{url}/runs/r", cache={"path": f"{url}/cache"})  # fmt: skip
+    remote = run_job(load_job(job))
+    assert remote["complete"] and remote["rows_done"] == local["rows_done"] == 3000
+    folder = RunFolder(f"{url}/runs/r")
+    out = pl.concat([pl.from_arrow(folder.read_part(name)) for name in folder.part_names()])
+    assert _read(tmp_path / "local").equals(out)
 
 
 def test_an_actor_killed_mid_run_costs_its_chunk_a_second_try(ray_cluster, tmp_path):

@@ -39,9 +39,13 @@ from pipeline.labeller import WorkItem, chunk_pipeline, commit_chunk, labelled_c
 from pipeline.runfolder import ChunkMarker, ChunkStats, RunFolder
 
 log = logs.get("ray")
-# Environment variables an actor needs to find what the driver found (models, the default cache);
-# credentials are not among them: each node takes its own from its environment or role.
-_PASSED_ENV = ("LABELMILL_HOME", "HF_HOME", "HF_HUB_OFFLINE", "VLLM_ENABLE_V1_MULTIPROCESSING")
+# Environment variables an actor needs to find what the driver found (models, the default cache,
+# the object store's endpoint and region); credentials are never among them: each node takes its
+# own from the provider's chain (its environment, profile or instance role).
+_PASSED_ENV = (
+    "LABELMILL_HOME", "HF_HOME", "HF_HUB_OFFLINE", "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+)  # fmt: skip
 
 
 @dataclass
