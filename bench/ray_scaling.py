@@ -12,7 +12,8 @@ seconds per text, so an engine's pace is a GPU's, not this CPU's. The same input
 median 4/1 throughput ratio. Then a ``--big-rows`` input (10 million distinct texts, no id column)
 is run with 4 engines by ``labelmill run --executor ray`` in a process of its own, and that
 driver's peak resident memory is read from the kernel (``ru_maxrss`` of the finished child); with
-``--big-ids`` the input has an id column too, whose uniqueness the driver checks (8 bytes a row).
+``--big-ids`` the input has an id column too, whose uniqueness the driver checks (at most 8
+million hashes at a time).
 """
 
 from __future__ import annotations
