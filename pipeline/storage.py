@@ -10,14 +10,16 @@ Credentials come from each provider's standard chain and nowhere else: for S3 th
 and the instance or task role; for GCS application default credentials. labelmill never reads,
 logs or writes one: job files have no key for them, and a URI is refused if it carries any
 (``s3://key:secret@bucket``). A store other than the provider's own (MinIO, Ceph, a test server)
-is named with ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), as every AWS SDK reads it.
+is named with ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), as every AWS SDK reads it; a
+local GCS server with ``STORAGE_EMULATOR_HOST``, as Google's SDKs read it.
 
 What object stores give, and what labelmill builds on it:
 
 - An object becomes visible only when its upload is complete: a reader sees all of a part or
   none of it, which is what the local write-and-rename gives. Markers are written after their
   part, as on disk.
-- There is no ``flock``: a run folder's lock is a lease object (:class:`LeaseLock`).
+- There is no ``flock``: a run folder's lock is a lease object (:class:`LeaseLock`), written with
+  each provider's conditional writes (:class:`Conditional`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -150,8 +153,13 @@ def location(value: str | Path | ObjectPath) -> Path | ObjectPath:
 def filesystem(scheme_: str, bucket: str) -> pafs.FileSystem:
     """pyarrow's filesystem for one bucket (for S3, in the bucket's own region), made once per
     process. Credentials are resolved by the provider's SDK (see the module's docstring)."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST") if scheme_ == "gs" else None
     try:
-        fs, _ = pafs.FileSystem.from_uri(f"{scheme_}://{bucket}")
+        if emulator:  # Google's SDKs' convention for a local GCS server: no credentials
+            where = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+            fs = pafs.GcsFileSystem(anonymous=True, scheme=where.scheme, endpoint_override=where.netloc)
+        else:
+            fs, _ = pafs.FileSystem.from_uri(f"{scheme_}://{bucket}")
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(
             f"{scheme_}://{bucket}: cannot reach the bucket ({_short(exc)})",
@@ -208,33 +216,9 @@ def write_bytes(path: ObjectPath, data: bytes) -> None:
 
 
 def create_if_absent(path: ObjectPath, data: bytes) -> bool:
-    """Write the object unless one exists; True when this call created it. On S3 a conditional
-    write (``If-None-Match: *``), so of two writers exactly one wins; elsewhere a check, then a
-    write."""
-    if path.scheme == "s3":
-        from botocore.exceptions import ClientError
-
-        try:
-            _s3_client().put_object(Bucket=path.bucket, Key=path.key, Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as exc:
-            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            raise OutputError(f"could not write {path}: {_short(exc)}") from None
-    if exists(path):
-        return False
-    write_bytes(path, data)
-    return True
-
-
-def _s3_client():
-    try:
-        import boto3
-    except ImportError:
-        raise MissingDependencyError(
-            "locks and conditional writes on S3 need boto3", hint="pip install 'labelmill[s3]'"
-        ) from None
-    return boto3.client("s3")
+    """Write the object unless one exists; True when this call created it. A conditional write:
+    of two writers exactly one wins."""
+    return conditional(path).create(data) is not None
 
 
 def delete(path: ObjectPath) -> None:
@@ -251,80 +235,191 @@ def _short(exc: Exception) -> str:
     return str(exc).splitlines()[0][:300]
 
 
+class Conditional:
+    """Writes of one object that succeed only if it is as the caller last saw it: the compare-and-
+    swap a lock needs, which pyarrow's filesystems don't offer. Each provider's own SDK does it:
+    S3 with ``If-None-Match: *`` and ``If-Match: <ETag>`` (boto3), GCS with generation
+    preconditions, ``ifGenerationMatch`` (google-cloud-storage). A *tag* names one version of the
+    object (the ETag, the generation)."""
+
+    def __init__(self, path: ObjectPath) -> None:
+        self.path = path
+
+    def create(self, data: bytes) -> str | None:
+        """Write if no object exists; its tag, or None when one exists."""
+        raise NotImplementedError
+
+    def replace(self, data: bytes, tag: str) -> str | None:
+        """Write if the object is still at ``tag``; the new tag, or None when it changed or is gone."""
+        raise NotImplementedError
+
+    def read(self) -> tuple[bytes, str] | None:
+        """The object and its tag, or None."""
+        raise NotImplementedError
+
+    def delete(self, tag: str) -> None:
+        """Delete if still at ``tag``; nothing otherwise."""
+        raise NotImplementedError
+
+
+class _S3(Conditional):
+    @functools.cached_property
+    def _client(self):
+        try:
+            import boto3
+        except ImportError:
+            raise MissingDependencyError(
+                "a run folder or cache on S3 needs boto3 for its lock's conditional writes",
+                hint="pip install 'labelmill[s3]'",
+            ) from None
+        return boto3.client("s3")
+
+    def _put(self, data: bytes, **condition) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self._client.put_object(
+                Bucket=self.path.bucket, Key=self.path.key, Body=data, **condition
+            )
+        except ClientError as exc:
+            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):
+                return None
+            raise _store_error(self.path, exc) from None
+        except BotoCoreError as exc:
+            raise _store_error(self.path, exc) from None
+        return answer["ETag"]
+
+    def create(self, data: bytes) -> str | None:
+        return self._put(data, IfNoneMatch="*")
+
+    def replace(self, data: bytes, tag: str) -> str | None:
+        return self._put(data, IfMatch=tag)
+
+    def read(self) -> tuple[bytes, str] | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            got = self._client.get_object(Bucket=self.path.bucket, Key=self.path.key)
+            return got["Body"].read(), got["ETag"]
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise _store_error(self.path, exc) from None
+        except BotoCoreError as exc:
+            raise _store_error(self.path, exc) from None
+
+    def delete(self, tag: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        with contextlib.suppress(ClientError, BotoCoreError):  # changed meanwhile: not ours to delete
+            self._client.delete_object(Bucket=self.path.bucket, Key=self.path.key, IfMatch=tag)
+
+
+class _GCS(Conditional):
+    @functools.cached_property
+    def _bucket(self):
+        try:
+            from google.cloud import storage as gcs
+        except ImportError:
+            raise MissingDependencyError(
+                "a run folder or cache on GCS needs google-cloud-storage for its lock's conditional writes",
+                hint="pip install 'labelmill[gcs]'",
+            ) from None
+        return gcs.Client().bucket(self.path.bucket)  # application default credentials
+
+    def _upload(self, data: bytes, generation: int) -> str | None:
+        from google.api_core.exceptions import GoogleAPIError, NotFound, PreconditionFailed
+
+        blob = self._bucket.blob(self.path.key)
+        try:
+            blob.upload_from_string(data, if_generation_match=generation)
+        except (PreconditionFailed, NotFound):
+            return None
+        except GoogleAPIError as exc:
+            raise _store_error(self.path, exc) from None
+        return str(blob.generation)
+
+    def create(self, data: bytes) -> str | None:
+        return self._upload(data, 0)  # generation 0: "no live object"
+
+    def replace(self, data: bytes, tag: str) -> str | None:
+        return self._upload(data, int(tag))
+
+    def read(self) -> tuple[bytes, str] | None:
+        from google.api_core.exceptions import GoogleAPIError, NotFound
+
+        try:
+            blob = self._bucket.get_blob(self.path.key)
+            if blob is None:
+                return None
+            return blob.download_as_bytes(if_generation_match=blob.generation), str(blob.generation)
+        except NotFound:
+            return None
+        except GoogleAPIError as exc:
+            raise _store_error(self.path, exc) from None
+
+    def delete(self, tag: str) -> None:
+        from google.api_core.exceptions import GoogleAPIError
+
+        with contextlib.suppress(GoogleAPIError):  # changed meanwhile: not ours to delete
+            self._bucket.blob(self.path.key).delete(if_generation_match=int(tag))
+
+
+def conditional(path: ObjectPath) -> Conditional:
+    return (_S3 if path.scheme == "s3" else _GCS)(path)
+
+
 class LeaseLock:
     """A run folder's lock on an object store: a lease object, taken by a conditional create.
 
-    Taking it is ``PUT <folder>/.lock`` with ``If-None-Match: *``: of two runs that try at once,
-    the store lets exactly one create it. The object holds its owner and an expiry
-    (``LABELMILL_LEASE_SECONDS``, default 120 s from now); the owner renews it every third of
-    that with ``If-Match`` on the ETag it wrote, so a renewal can't overwrite a lock someone else
-    took. A run that dies stops renewing: once the expiry has passed, the next run takes the lease
-    over with ``If-Match`` on the expired object's ETag (two runs taking over at once: one wins).
-    A run whose renewal fails (the store unreachable for longer than the lease, or the lease taken
-    over) stops before its next chunk is committed, so two runs never write the same folder.
-    Released by a delete conditional on the ETag. Needs conditional writes: AWS S3 and most
-    S3-compatible stores have them (MinIO, Ceph RGW, R2, moto); the lock of a ``gs://`` folder is
-    not implemented yet, and is refused.
+    Taking it is a create that succeeds only where no object exists (S3 ``If-None-Match: *``, GCS
+    ``ifGenerationMatch=0``): of two runs that try at once, the store lets exactly one create it.
+    The object holds its owner and an expiry (``LABELMILL_LEASE_SECONDS``, default 120 s from now);
+    the owner renews it every third of that, conditionally on the version it wrote, so a renewal
+    can't overwrite a lock someone else took. A run that dies stops renewing: once the expiry has
+    passed, the next run takes the lease over, conditionally on the expired version (two runs
+    taking over at once: one wins). A run whose renewal finds the lease taken over (after the store
+    was unreachable for a whole lease) stops before its next chunk is committed, so two runs never
+    write the same folder. Released by a delete conditional on its version.
     """
 
     def __init__(self, path: ObjectPath, lease_seconds: float | None = None) -> None:
-        if path.scheme != "s3":
-            raise ConfigError(
-                f"{path}: a run folder or cache on {path.scheme}:// can't be locked yet (its lease "
-                "needs conditional writes, implemented for S3 only)",
-                hint="write the output to s3:// or a local folder; gs:// works for input:",
-            )
         self.path = path
         self.lease = lease_seconds or float(os.environ.get("LABELMILL_LEASE_SECONDS") or 120)
         self.owner = f"{socket.gethostname()} process {os.getpid()} ({uuid.uuid4().hex[:12]})"
-        self._etag: str | None = None
+        self._store = conditional(path)
+        self._tag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
-        """Why the lease was lost while held (a renewal failed), else None."""
-
-    @functools.cached_property
-    def _client(self):
-        return _s3_client()
+        """Why the lease was lost while held (a renewal found it taken over), else None."""
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "expires": time.time() + self.lease}).encode()
 
-    def _put(self, **condition) -> str:
-        answer = self._client.put_object(
-            Bucket=self.path.bucket, Key=self.path.key, Body=self._body(), **condition
-        )
-        return answer["ETag"]
-
     def holder(self) -> tuple[dict, str] | None:
-        """The lease as stored and its ETag, or None when nobody holds one."""
-        try:
-            got = self._client.get_object(Bucket=self.path.bucket, Key=self.path.key)
-        except self._client.exceptions.NoSuchKey:
+        """The lease as stored and its tag, or None when nobody holds one."""
+        held = self._store.read()
+        if held is None:
             return None
         try:
-            about = json.loads(got["Body"].read())
+            about = json.loads(held[0])
         except ValueError:
             about = {"owner": "unknown", "expires": 0}
-        return about, got["ETag"]
+        return about, held[1]
 
     def acquire(self) -> None:
-        from botocore.exceptions import ClientError
-
-        try:
-            self._etag = self._put(IfNoneMatch="*")
-        except ClientError as exc:
-            if _code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise _store_error(self.path, exc) from None
+        self._tag = self._store.create(self._body())
+        if self._tag is None:
             held = self.holder()
             if held is not None and held[0].get("expires", 0) > time.time():
-                raise self._refused(held[0]) from None
-            try:  # expired (its run died): take it over, unless another run just did
-                self._etag = self._put(IfMatch=held[1]) if held else self._put(IfNoneMatch="*")
-            except ClientError as again:
-                if _code(again) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
-                    raise self._refused((self.holder() or ({},))[0]) from None
-                raise _store_error(self.path, again) from None
+                raise self._refused(held[0])
+            # expired (its run died): take it over, unless another run just did
+            self._tag = (
+                self._store.replace(self._body(), held[1]) if held else self._store.create(self._body())
+            )
+            if self._tag is None:
+                raise self._refused((self.holder() or ({},))[0])
         self._thread = threading.Thread(target=self._renew, name="labelmill-lease", daemon=True)
         self._thread.start()
 
@@ -338,19 +433,15 @@ class LeaseLock:
         )
 
     def _renew(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         while not self._stop.wait(self.lease / 3):
             try:
-                self._etag = self._put(IfMatch=self._etag)
-            except ClientError as exc:
-                if _code(exc) in ("PreconditionFailed", "NoSuchKey"):
-                    self.lost = "another run took over its lease"
-                    return
-            except BotoCoreError:
-                pass  # the store is unreachable: the next renewal tries again, within the lease
-            if self._etag is None:
+                tag = self._store.replace(self._body(), self._tag)
+            except OutputError:
+                continue  # the store unreachable: the next renewal tries again, within the lease
+            if tag is None:
+                self.lost = "another run took over its lease"
                 return
+            self._tag = tag
 
     def check(self) -> None:
         """Raise if the lease was lost: the caller must stop writing to the folder."""
@@ -361,20 +452,16 @@ class LeaseLock:
             )
 
     def release(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self._etag is not None and not self.lost:
-            # taken over meanwhile, or unreachable: the lease expires by itself
-            with contextlib.suppress(ClientError, BotoCoreError):
-                self._client.delete_object(Bucket=self.path.bucket, Key=self.path.key, IfMatch=self._etag)
-        self._etag = None
+        if self._tag is not None and not self.lost:
+            self._store.delete(self._tag)  # taken over meanwhile: not deleted; it expires
+        self._tag = None
 
     def held_by_other(self) -> bool:
         held = self.holder()
-        return held is not None and held[0].get("expires", 0) > time.time() and held[1] != self._etag
+        return held is not None and held[0].get("expires", 0) > time.time() and held[1] != self._tag
 
 
 def _code(exc) -> str:
@@ -383,7 +470,7 @@ def _code(exc) -> str:
 
 def _store_error(path: ObjectPath, exc: Exception) -> OutputError:
     return OutputError(
-        f"cannot take the lock {path}: {_short(exc)}",
-        hint="check the bucket's permissions (PutObject, GetObject, DeleteObject) and the "
+        f"{path}: the object store refused or could not be reached ({_short(exc)})",
+        hint="check the bucket's permissions (write, read and delete of objects) and the "
         "credentials the provider's standard chain finds",
     )

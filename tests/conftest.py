@@ -352,3 +352,43 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A local GCS server (``gcp-storage-emulator``, in memory) on a free port of 127.0.0.1; yields
+    the environment that points Google's clients and pyarrow at it (``STORAGE_EMULATOR_HOST``).
+    It serves the JSON API without generation preconditions: the lease's refusals are tested on
+    the S3 server, whose conditional writes are real."""
+    pytest.importorskip("gcp_storage_emulator", reason="pip install gcp-storage-emulator")
+    pytest.importorskip("google.cloud.storage", reason="pip install 'labelmill[gcs]'")
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--in-memory"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/storage/v1/b?project=test", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the GCS emulator did not start") from None
+            time.sleep(0.2)
+    try:
+        yield {"STORAGE_EMULATOR_HOST": endpoint}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -202,3 +202,50 @@ def test_a_run_killed_in_a_bucket_resumes_and_holds_its_lock_meanwhile(s3_server
     now = _modified(s3_server, bucket, "runs/slow/parts/")
     assert len(now) == 12 and all(now[key] == when for key, when in finished.items())
     assert _no_secret_anywhere(s3_server, [bucket], [tmp_path], printed) > 20
+
+
+def test_the_lease_is_taken_by_exactly_one_and_taken_over_only_once_expired(s3_server, monkeypatch):
+    import threading
+
+    from pipeline.errors import RunLockedError
+    from pipeline.storage import LeaseLock, ObjectPath, conditional
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    bucket = s3_server.bucket("lm-lease")
+    # eight creates at once: the store lets exactly one through
+    won = []
+    racers = [
+        threading.Thread(
+            target=lambda: won.append(conditional(ObjectPath(f"s3://{bucket}/race")).create(b"x"))
+        )
+        for _ in range(8)
+    ]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join()
+    assert sum(tag is not None for tag in won) == 1
+
+    path = ObjectPath(f"s3://{bucket}/run/.lock")
+    first = LeaseLock(path, lease_seconds=1.0)
+    first.acquire()
+    first._stop.set()  # the holder freezes (a paused VM, a lost network): it renews no more
+    first._thread.join()
+    second = LeaseLock(path, lease_seconds=1.0)
+    with pytest.raises(RunLockedError, match=r"is in use by .* process"):
+        second.acquire()
+    assert second.held_by_other()
+    time.sleep(1.3)  # the frozen holder's lease expires
+    second.acquire()
+    # the old holder wakes up: its next renewal finds the lease taken over, and it must stop
+    first._stop.clear()
+    first.lease = 0.03
+    first._renew()
+    assert first.lost
+    with pytest.raises(RunLockedError, match="lock was lost"):
+        first.check()
+    first.release()  # gives nothing back: the lease is not its own any more
+    assert LeaseLock(path).held_by_other()
+    second.release()
+    assert not LeaseLock(path).held_by_other() and "run/.lock" not in _keys(s3_server, bucket)
