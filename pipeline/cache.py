@@ -363,6 +363,10 @@ class MirroredCache(ResultCache):
             ) from None
         super().__init__(local, namespace, within_run, about, **tuning)
 
+    def stats(self) -> dict:
+        """As the local store's, with the bucket's place (the figures are of this machine's mirror)."""
+        return {**super().stats(), "path": str(self.remote.parent), "mirror": str(self.root)}
+
     def close(self) -> None:
         if self._closed:
             return
