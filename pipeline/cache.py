@@ -356,10 +356,8 @@ class MirroredCache(ResultCache):
         try:
             self._pulled = _pull(self.remote, local / namespace)
         except (OSError, pa.ArrowException) as exc:
-            raise OutputError(
-                f"cannot read the result store {self.remote}: {str(exc).splitlines()[0][:300]}",
-                hint="check the bucket's permissions and the credentials the provider's chain "
-                "finds, or turn the cache off for this run (--no-cache)",
+            raise storage.failure(
+                f"cannot read the result store {self.remote}", exc, also="; or run with --no-cache"
             ) from None
         super().__init__(local, namespace, within_run, about, **tuning)
 

@@ -115,11 +115,7 @@ def _object_sources(spec: str) -> list[Source]:
             root, what = where, f"prefix {spec}"
             found = [p for p, _ in storage.list_files(where) if _in_data_folder(p, where)]
     except (OSError, pa.ArrowException) as exc:
-        raise InputNotFoundError(
-            f"input: cannot list {spec} ({str(exc).splitlines()[0][:300]})",
-            hint="check the bucket's name, the network, and the credentials the provider's "
-            "standard chain finds (environment, profile, instance role)",
-        ) from None
+        raise storage.failure(f"input: cannot list {spec}", exc, InputNotFoundError) from None
     texts = [p for p in found if text_format(p)]
     if texts:
         raise InputFormatError(

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.errors import ConfigError, MissingDependencyError, OutputError, RunLockedError
+from pipeline.errors import ConfigError, LabelmillError, MissingDependencyError, OutputError, RunLockedError
 
 SCHEMES = ("s3", "gs")
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
@@ -161,12 +161,7 @@ def filesystem(scheme_: str, bucket: str) -> pafs.FileSystem:
         else:
             fs, _ = pafs.FileSystem.from_uri(f"{scheme_}://{bucket}")
     except (OSError, pa.ArrowException) as exc:
-        raise OutputError(
-            f"{scheme_}://{bucket}: cannot reach the bucket ({_short(exc)})",
-            hint="check the bucket's name, the network, and the credentials the provider's "
-            "standard chain finds (environment, profile, instance role); AWS_ENDPOINT_URL names "
-            "an S3-compatible server other than AWS",
-        ) from None
+        raise failure(f"{scheme_}://{bucket}: cannot reach the bucket", exc) from None
     return fs
 
 
@@ -209,10 +204,7 @@ def write_bytes(path: ObjectPath, data: bytes) -> None:
         with path.fs.open_output_stream(path.fs_path) as fh:
             fh.write(data)
     except (OSError, pa.ArrowException) as exc:
-        raise OutputError(
-            f"could not write {path}: {_short(exc)}",
-            hint="check the bucket's permissions and the credentials the provider's chain finds",
-        ) from None
+        raise failure(f"could not write {path}", exc) from None
 
 
 def create_if_absent(path: ObjectPath, data: bytes) -> bool:
@@ -469,8 +461,17 @@ def _code(exc) -> str:
 
 
 def _store_error(path: ObjectPath, exc: Exception) -> OutputError:
-    return OutputError(
-        f"{path}: the object store refused or could not be reached ({_short(exc)})",
-        hint="check the bucket's permissions (write, read and delete of objects) and the "
-        "credentials the provider's standard chain finds",
+    return failure(f"{path}: the object store refused or could not be reached", exc)
+
+
+def failure(
+    what: str, exc: Exception, error: type[LabelmillError] = OutputError, also: str = ""
+) -> LabelmillError:
+    """An object store's refusal or silence as labelmill's error: what failed, the store's first
+    line, and where to look."""
+    return error(
+        f"{what} ({_short(exc)})",
+        hint="check the bucket's name and permissions, the network, and the credentials the "
+        "provider's standard chain finds (environment, profile, instance role); AWS_ENDPOINT_URL "
+        "names an S3-compatible server other than AWS" + also,
     )

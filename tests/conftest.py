@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -316,30 +317,8 @@ def s3_server():
     pytest.importorskip("moto", reason="moto is not installed (pip install 'moto[server]')")
     pytest.importorskip("boto3", reason="boto3 is not installed (pip install 'labelmill[s3]')")
     import secrets
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("the moto S3 server did not start") from None
-            time.sleep(0.2)
+    proc, endpoint = _local_server(["moto.server", "-H", "127.0.0.1", "-p", "{port}"], "/moto-api/")
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
@@ -362,6 +341,20 @@ def gcs_server():
     the S3 server, whose conditional writes are real."""
     pytest.importorskip("gcp_storage_emulator", reason="pip install gcp-storage-emulator")
     pytest.importorskip("google.cloud.storage", reason="pip install 'labelmill[gcs]'")
+    proc, endpoint = _local_server(
+        ["gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", "{port}", "--in-memory"],
+        "/storage/v1/b?project=test",
+    )
+    try:
+        yield {"STORAGE_EMULATOR_HOST": endpoint}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _local_server(module_args: list[str], probe: str):
+    """``python -m <module_args>`` serving HTTP on a free port of 127.0.0.1 (``{port}`` in the
+    arguments), once ``probe`` answers; returns the process and its base URL."""
     import socket
     import subprocess
     import sys
@@ -371,24 +364,40 @@ def gcs_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    args = [a.replace("{port}", str(port)) for a in module_args]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--in-memory"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
-            urllib.request.urlopen(endpoint + "/storage/v1/b?project=test", timeout=2)
-            break
+            urllib.request.urlopen(endpoint + probe, timeout=2)
+            return proc, endpoint
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("the GCS emulator did not start") from None
+                raise RuntimeError(f"{module_args[0]} did not start") from None
             time.sleep(0.2)
-    try:
-        yield {"STORAGE_EMULATOR_HOST": endpoint}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+
+def read_run_output(where) -> pl.DataFrame:
+    """Every part of a run folder, local or in a bucket, in chunk order."""
+    from pipeline.runfolder import RunFolder
+
+    folder = RunFolder(where)
+    return pl.concat([pl.from_arrow(folder.read_part(name)) for name in folder.part_names()])
+
+
+def fake_job(tmp: Path, name: str, input_: str, output: str, cache: str, **extra) -> Path:
+    """A job file for the fake backend over ``id``/``title`` rows, with its places given as they
+    would be written (local paths or bucket URIs)."""
+    spec = {
+        "input": input_, "output": output, "id_column": "id", "text_column": "title",
+        "labels": ["Coffee", "Tea", "Vitamin", "Shoes", "Sunscreen"], "model": "fake", "backend": "fake",
+        "prompt": str(REPO_ROOT / "prompts" / "classify_product.en.yaml"), "chunk_rows": 100,
+        "cache": {"path": cache}, **extra,
+    }  # fmt: skip
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

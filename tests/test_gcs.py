@@ -13,31 +13,16 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
-from conftest import REPO_ROOT
+from conftest import fake_job, read_run_output
 
 pytest.importorskip("google.cloud.storage", reason="pip install 'labelmill[gcs]'")
 
 from pipeline.config import load_job
-from pipeline.runfolder import RunFolder
 from pipeline.runner import run_job
 
 
-def _job(tmp: Path, name: str, input_: str, output: str, cache: str) -> Path:
-    spec = {
-        "input": input_, "output": output, "id_column": "id", "text_column": "title",
-        "labels": ["Coffee", "Tea", "Vitamin", "Shoes"], "model": "fake", "backend": "fake",
-        "prompt": str(REPO_ROOT / "prompts" / "classify_product.en.yaml"), "chunk_rows": 100,
-        "cache": {"path": cache}, "keep_columns": ["shop"],
-    }  # fmt: skip
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def _output(where: str | Path) -> pl.DataFrame:
-    folder = RunFolder(where)
-    return pl.concat([pl.from_arrow(folder.read_part(name)) for name in folder.part_names()])
+def _job(tmp: Path, name: str, input_: str, output: str, cache: str, **extra) -> Path:
+    return fake_job(tmp, name, input_, output, cache, keep_columns=["shop"], **extra)
 
 
 def test_input_output_and_cache_in_a_gcs_bucket_equal_a_local_run(gcs_server, tmp_path, monkeypatch):
@@ -61,7 +46,7 @@ def test_input_output_and_cache_in_a_gcs_bucket_equal_a_local_run(gcs_server, tm
     remote = run_job(load_job(_job(tmp_path, "remote", f"{url}/in", f"{url}/runs/a", f"{url}/cache")))
     assert remote["complete"] and remote["rows_done"] == local["rows_done"] == 500
     assert remote["model_calls"] == local["model_calls"] > 0
-    assert _output(tmp_path / "out").equals(_output(f"{url}/runs/a"))
+    assert read_run_output(tmp_path / "out").equals(read_run_output(f"{url}/runs/a"))
     names = [b.name for b in bucket.list_blobs(prefix="runs/a/")]
     assert (
         sum(n.startswith("runs/a/parts/") for n in names)

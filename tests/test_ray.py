@@ -22,12 +22,11 @@ import polars as pl
 import psutil
 import pytest
 import yaml
-from conftest import REPO_ROOT, wait_for_chunks
+from conftest import REPO_ROOT, read_run_output, wait_for_chunks
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'labelmill[ray]')")
 
 from pipeline.config import load_job  # noqa: E402
-from pipeline.runfolder import RunFolder  # noqa: E402
 from pipeline.runner import run_job  # noqa: E402
 
 LABELS = ["Coffee", "Tea", "Vitamin", "Shoes", "Sunscreen"]
@@ -91,9 +90,7 @@ def test_input_output_and_cache_in_a_bucket_on_the_cluster_equal_the_local_run(
                output=f"{url}/runs/r", cache={"path": f"{url}/cache"})  # fmt: skip
     remote = run_job(load_job(job))
     assert remote["complete"] and remote["rows_done"] == local["rows_done"] == 3000
-    folder = RunFolder(f"{url}/runs/r")
-    out = pl.concat([pl.from_arrow(folder.read_part(name)) for name in folder.part_names()])
-    assert _read(tmp_path / "local").equals(out)
+    assert _read(tmp_path / "local").equals(read_run_output(f"{url}/runs/r"))
 
 
 def test_an_actor_killed_mid_run_costs_its_chunk_a_second_try(ray_cluster, tmp_path):

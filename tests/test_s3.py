@@ -18,16 +18,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fake_job, read_run_output
 
 pytest.importorskip("boto3", reason="boto3 is not installed (pip install 'labelmill[s3]')")
 
 from pipeline.config import load_job
-from pipeline.runfolder import RunFolder
 from pipeline.runner import run_job
-
-LABELS = ["Coffee", "Tea", "Vitamin", "Shoes", "Sunscreen"]
 
 
 def _frame(rows: int, first: int = 0) -> pl.DataFrame:
@@ -54,19 +50,7 @@ def _put_inputs(s3, bucket: str, local: Path, rows: int = 600) -> None:
 
 
 def _job(tmp: Path, name: str, input_: str, output: str, cache: str, **extra) -> Path:
-    spec = {
-        "input": input_, "output": output, "id_column": "id", "text_column": "title", "labels": LABELS,
-        "prompt": str(REPO_ROOT / "prompts" / "classify_product.en.yaml"), "model": "fake", "backend": "fake",
-        "chunk_rows": 100, "cache": {"path": cache}, "keep_columns": ["country"], **extra,
-    }  # fmt: skip
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def _output(where: str | Path) -> pl.DataFrame:
-    folder = RunFolder(where)
-    return pl.concat([pl.from_arrow(folder.read_part(name)) for name in folder.part_names()])
+    return fake_job(tmp, name, input_, output, cache, keep_columns=["country"], **extra)
 
 
 def _keys(s3, bucket: str, prefix: str = "") -> list[str]:
@@ -107,7 +91,7 @@ def test_input_output_and_cache_in_a_bucket_equal_a_local_run(s3_server, tmp_pat
     remote = run_job(load_job(_job(tmp_path, "remote", f"{url}/in/", f"{url}/runs/a", f"{url}/cache")))
     assert remote["complete"] and remote["rows_done"] == local["rows_done"] == 600
     assert remote["model_calls"] == local["model_calls"] > 0
-    a, b = _output(tmp_path / "out"), _output(f"{url}/runs/a")
+    a, b = read_run_output(tmp_path / "out"), read_run_output(f"{url}/runs/a")
     assert a.equals(b)
     assert set(b["country"]) == {"DE", "PL"}  # the partition folders became a column
     keys = _keys(s3_server, bucket, "runs/a/")
@@ -120,7 +104,7 @@ def test_input_output_and_cache_in_a_bucket_equal_a_local_run(s3_server, tmp_pat
     monkeypatch.setenv("LABELMILL_HOME", str(tmp_path / "other-machine"))
     again = run_job(load_job(_job(tmp_path, "again", f"{url}/in/", f"{url}/runs/b", f"{url}/cache")))
     assert again["complete"] and again["model_calls"] == 0 and again["cache_hits"] > 0
-    assert _output(f"{url}/runs/b").select("id", "label").equals(b.select("id", "label"))
+    assert read_run_output(f"{url}/runs/b").select("id", "label").equals(b.select("id", "label"))
     assert _no_secret_anywhere(s3_server, [bucket], [tmp_path], []) > 20
 
 
@@ -188,13 +172,13 @@ def test_a_run_killed_in_a_bucket_resumes_and_holds_its_lock_meanwhile(s3_server
     )  # fmt: skip
     printed += [resumed.stdout, resumed.stderr]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    out = _output(f"{url}/runs/slow")
+    out = read_run_output(f"{url}/runs/slow")
     assert out.height == 1200 and out["id"].n_unique() == 1200  # no row lost or doubled
     # the same rows as an uninterrupted local run of the job
     whole = _job(tmp_path, "whole", str(tmp_path / "in"), str(tmp_path / "whole"), str(tmp_path / "c"))
     run_job(load_job(whole))
     assert (
-        _output(tmp_path / "whole")
+        read_run_output(tmp_path / "whole")
         .select("id", "label", "status")
         .equals(out.select("id", "label", "status"))
     )
