@@ -9,6 +9,7 @@ the access key is in no object and no file written, nor in what the runs printed
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from click.testing import CliRunner
 from conftest import REPO_ROOT, fake_job, read_run_output
 
 pytest.importorskip("boto3", reason="boto3 is not installed (pip install 'labelmill[s3]')")
 
+from pipeline.cli import main
 from pipeline.config import load_job
 from pipeline.runner import run_job
 
@@ -99,6 +102,11 @@ def test_input_output_and_cache_in_a_bucket_equal_a_local_run(s3_server, tmp_pat
     assert sum(k.startswith("runs/a/done/chunk-") for k in keys) == 6
     assert "runs/a/.lock" not in keys  # released at the end
     assert any(k.startswith("cache/") and k.endswith(".arrows") for k in _keys(s3_server, bucket, "cache/"))
+    # the commands that read a run folder take its URI as they take a path
+    status = CliRunner().invoke(main, ["status", f"{url}/runs/a", "--json"])
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.output)["state"] == "finished"
+    assert json.loads(status.output)["rows_done"] == 600
 
     # Another machine (an empty LABELMILL_HOME) finds every answer in the bucket's cache.
     monkeypatch.setenv("LABELMILL_HOME", str(tmp_path / "other-machine"))
