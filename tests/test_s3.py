@@ -107,6 +107,25 @@ def test_input_output_and_cache_in_a_bucket_equal_a_local_run(s3_server, tmp_pat
     assert status.exit_code == 0, status.output
     assert json.loads(status.output)["state"] == "finished"
     assert json.loads(status.output)["rows_done"] == 600
+    gold = tmp_path / "gold.csv"
+    gold.write_text("id,category\n" + "".join(f"{i},{b['label'][i]}\n" for i in range(600)))
+    args = [
+        "eval",
+        f"{url}/runs/a",
+        "--gold",
+        str(gold),
+        "--on",
+        "id",
+        "--gold-column",
+        "category",
+        "--no-charts",
+    ]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code != 0 and "--out" in refused.output
+    scored = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "eval")])
+    assert scored.exit_code == 0, scored.output
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["classification"]["accuracy"] == 1.0 and report["run_folder"] == f"{url}/runs/a"
 
     # Another machine (an empty LABELMILL_HOME) finds every answer in the bucket's cache.
     monkeypatch.setenv("LABELMILL_HOME", str(tmp_path / "other-machine"))

@@ -99,8 +99,15 @@ def eval_cmd(
 ):
     """Score a run against gold answers: accuracy, F1, confusion, calibration; label sets (multi-label
     gold or runs); P/R/F1 per attribute."""
+    from pipeline import storage
+    from pipeline.errors import ConfigError
     from pipeline.evaluation import evaluate, parse_null_values, parse_thresholds
 
+    if not out_dir and storage.is_remote(run_folder):
+        raise ConfigError(
+            f"{run_folder} is in an object store: the report is written to a local folder",
+            hint="name it with --out (e.g. --out eval/run-name)",
+        )
     out = Path(out_dir) if out_dir else Path(run_folder) / "eval"
     report = evaluate(
         run_folder,

@@ -102,6 +102,7 @@ from pipeline.evaluation.multilabel import _label_set, label_in_set_metrics, mul
 from pipeline.evaluation.report import DEFINITIONS, markdown, write_confusion_csv
 from pipeline.evaluation.runs import join, load_gold, load_run
 from pipeline.evaluation.scores import _ratio
+from pipeline.runfolder import RunFolder
 
 __all__ = [
     "NONE",
@@ -309,10 +310,10 @@ def _speed(run) -> dict:
     if "prompt_tokens" in run.table.column_names:
         tokens = [t for t in run.table.column("prompt_tokens").to_pylist() if t]
         found["prompt_tokens_per_row"] = sum(tokens) / len(tokens) if tokens else None
-    summary = run.folder / "summary.json"
-    if summary.is_file():
+    summary = RunFolder(run.folder).read_text("summary.json")
+    if summary is not None:
         with contextlib.suppress(ValueError):
-            found["rows_per_second"] = json.loads(summary.read_text()).get("rows_per_second")
+            found["rows_per_second"] = json.loads(summary).get("rows_per_second")
     return found
 
 
