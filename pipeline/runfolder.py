@@ -6,6 +6,8 @@
       parts/part-00012.parquet
       done/chunk-00012.json   marker, written only after its part is on disk
       summary.json        totals of the last invocation
+      cascade.json        the student this run routes with (pipeline/cascade.py): a resumed run
+                          uses the same
       answers/            the run's own answer store, when the shared result cache is off
                           (see pipeline/cache.py); removed when the run is complete
       .lock               held (flock) by the running process; on an object store, a lease
@@ -161,8 +163,6 @@ def _read(model: type[_Record], files: _Disk | _Bucket, name: str) -> Any:
 class _Disk:
     """A run folder on a local (or mounted) file system: atomic, synced writes; ``flock``."""
 
-    remote = False
-
     def __init__(self, root: Path) -> None:
         self.root = root
 
@@ -218,8 +218,6 @@ class _Disk:
 
 class _Bucket:
     """A run folder in an object store: each file one object, written whole in one upload."""
-
-    remote = True
 
     def __init__(self, root: ObjectPath) -> None:
         self.root = root
@@ -281,10 +279,6 @@ class RunFolder:
         self.parts = where / "parts"
         self.markers = where / "done"
         self.manifest_path = where / "run.json"
-        self.summary_path = where / "summary.json"
-        self.cascade_path = where / "cascade.json"
-        """The student this run routes with (``pipeline/cascade.py``): a resumed run uses the same."""
-        self.job_path = where / "job.yaml"
         self.lock_path = where / ".lock"
         self.width = part_width(chunks or 0)
         self._lease: storage.LeaseLock | None = None
